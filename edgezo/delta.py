@@ -1,0 +1,220 @@
+"""The delta path: every trained Linear computes y = base(x) + delta(x); the base is never written.
+
+The delta of a target W (m×n) has three parts, each applied as thin matmuls:
+  - the persistent adapter  B·A            (m×R)(R×n), LoRA-shaped, exported as a PEFT adapter;
+  - the current window      L·R            the update accumulated since the last refresh
+                                           (subspace methods: L = P basis, R = coordinates C;
+                                            LOZO: L = coordinates, R = vᵀ basis; MeZO: dense D);
+  - during probing, slice s of the stacked batch adds  scale_s · (probe s of this target),
+    with the probe regenerated from its seed inside the forward and dropped right after.
+Because the base is only read, the same code serves fp32/fp16/bf16 Linears, bitsandbytes and
+quanto quantized Linears, and streamed weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from edgezo.zo.probes import PROBE, derive_seed, gaussian
+
+# The Linears of the decoder blocks (Llama/Qwen `layers.N`, OPT `decoder.layers.N`, GPT-2 `h.N`).
+DEFAULT_TARGETS = r"(^|\.)(layers|h|blocks)\.\d+\."
+
+ProbeSide = Literal["right", "left", "full"]
+
+
+@dataclass
+class DeltaTarget:
+    """The trainable delta beside one base Linear (the module itself is only read)."""
+
+    index: int
+    name: str
+    module: nn.Module
+    out_features: int
+    in_features: int
+    device: torch.device = torch.device("cpu")
+    side: ProbeSide = "right"
+    left: torch.Tensor | None = None  # m×r
+    right: torch.Tensor | None = None  # r×n
+    dense: torch.Tensor | None = None  # m×n (full-space methods only)
+    lora_B: torch.Tensor | None = None  # m×R
+    lora_A: torch.Tensor | None = None  # R×n
+
+    def probe_shape(self) -> tuple[int, int]:
+        if self.side == "right":
+            return (self.left.shape[1], self.in_features)
+        if self.side == "left":
+            return (self.out_features, self.right.shape[0])
+        return (self.out_features, self.in_features)
+
+    def probe(self, probe_seed: int, device: torch.device) -> torch.Tensor:
+        """Probe coordinates of this target for the probe whose step-level seed is `probe_seed`."""
+        return gaussian(self.probe_shape(), derive_seed(probe_seed, self.index, PROBE), device)
+
+    def probe_direction(self, coords: torch.Tensor) -> torch.Tensor:
+        """The m×n weight-space direction of probe (or update) coordinates."""
+        if self.side == "right":
+            return self.left @ coords
+        if self.side == "left":
+            return coords @ self.right
+        return coords
+
+    def window_weight(self) -> torch.Tensor:
+        """The dense m×n update accumulated in the current window."""
+        if self.side == "full":
+            return self.dense.clone()
+        return self.left @ self.right
+
+    def weight_delta(self) -> torch.Tensor:
+        """The whole dense m×n delta: adapter plus current window (for export and tests)."""
+        total = self.window_weight()
+        if self.lora_B is not None:
+            total = total + self.lora_B @ self.lora_A
+        return total
+
+    def fold(self, max_rank: int | None) -> float:
+        """Move the window's L·R into the adapter, recompressing to rank ≤ max_rank.
+
+        [B | L]·[A; R] is re-factored by QR of both sides and an SVD of the small core; the
+        singular directions beyond max_rank are dropped. Returns the dropped fraction of the
+        squared Frobenius norm (0 when nothing was truncated). Full-space deltas have no
+        low-rank window and are not folded.
+        """
+        if self.side == "full":
+            return 0.0
+        b = self.left if self.lora_B is None else torch.cat([self.lora_B, self.left], dim=1)
+        a = self.right if self.lora_A is None else torch.cat([self.lora_A, self.right], dim=0)
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        keep = int((s > s[0] * 1e-7).sum()) if s.numel() and s[0] > 0 else 0
+        if max_rank is not None:
+            keep = min(keep, max_rank)
+        total = float((s**2).sum())
+        dropped = float((s[keep:] ** 2).sum()) / total if total > 0 else 0.0
+        root = s[:keep].sqrt()
+        self.lora_B = (qb @ u[:, :keep]) * root
+        self.lora_A = root[:, None] * (vh[:keep] @ qa.T)
+        if self.side == "right":
+            self.right = torch.zeros_like(self.right)
+        else:
+            self.left = torch.zeros_like(self.left)
+        return dropped
+
+    def forward_delta(self, x: torch.Tensor, probing: "Probing | None") -> torch.Tensor | int:
+        """delta(x) for an input whose leading rows are grouped slice-major when probing."""
+        dtype = x.dtype
+        out: torch.Tensor | int = 0
+        if self.lora_A is not None and self.lora_A.shape[0] > 0:
+            out = (x @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+        if self.side == "right":
+            h = x @ self.right.to(dtype).T
+            if probing is not None:
+                h = probing.add_probes(self, x, h, lambda xs, u: xs @ u.to(dtype).T)
+            return out + h @ self.left.to(dtype).T
+        if self.side == "left":
+            h = x @ self.right.to(dtype).T
+            y = h @ self.left.to(dtype).T
+            if probing is not None:
+                y = probing.add_probes(self, h, y, lambda hs, u: hs @ u.to(dtype).T)
+            return out + y
+        y = x @ self.dense.to(dtype).T
+        if probing is not None:
+            y = probing.add_probes(self, x, y, lambda xs, z: xs @ z.to(dtype).T)
+        return out + y
+
+
+@dataclass
+class Probing:
+    """The perturbations of the current forward: slice s carries probe `seeds[s]` scaled by `scales[s]`."""
+
+    seeds: list[int | None]
+    scales: list[float]
+    _cache: dict = field(default_factory=dict)
+
+    def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor, apply) -> torch.Tensor:
+        """acc[slice s] += scale_s · apply(x[slice s], probe_s) for every perturbed slice."""
+        n = len(self.scales)
+        xs = x.reshape(n, -1, x.shape[-1])
+        acc = acc.reshape(n, -1, acc.shape[-1])  # a fresh matmul result: safe to add into
+        for s, (seed, scale) in enumerate(zip(self.seeds, self.scales)):
+            if seed is None or scale == 0.0:
+                continue
+            acc[s] += scale * apply(xs[s], target.probe(seed, x.device))
+        return acc.reshape(*x.shape[:-1], acc.shape[-1])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+
+
+class DeltaModel:
+    """A causal LM with a delta beside each target Linear (attached with forward hooks)."""
+
+    def __init__(self, model: nn.Module, targets: list[DeltaTarget]):
+        self.model = model
+        self.targets = targets
+        self.probing: Probing | None = None
+        self._handles = [t.module.register_forward_hook(self._hook(t)) for t in targets]
+
+    @classmethod
+    def attach(cls, model: nn.Module, pattern: str = DEFAULT_TARGETS) -> "DeltaModel":
+        """Attach to every nn.Linear (quantized Linears included) whose name matches `pattern`."""
+        regex = re.compile(pattern)
+        found = [
+            (name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and regex.search(name)
+        ]
+        if not found:
+            from edgezo.errors import EdgezoError
+
+            raise EdgezoError(f"no Linear layer matches the target pattern {pattern!r}; pass a pattern that names some")
+        targets = [
+            DeltaTarget(i, name, mod, mod.out_features, mod.in_features, _device_of(mod))
+            for i, (name, mod) in enumerate(found)
+        ]
+        return cls(model, targets)
+
+    def _hook(self, target: DeltaTarget):
+        def hook(module, args, output):
+            delta = target.forward_delta(args[0], self.probing)
+            return output + delta.to(output.dtype) if torch.is_tensor(delta) else output
+
+        return hook
+
+    @contextlib.contextmanager
+    def probe(self, seeds: list[int | None], scales: list[float]) -> Iterator[None]:
+        """Within this context the model's batch is len(seeds) slices, each with its own perturbation."""
+        self.probing = Probing(seeds, scales)
+        try:
+            yield
+        finally:
+            self.probing = None
+
+    def detach(self) -> nn.Module:
+        """Remove the hooks; the model is then exactly the untouched base."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        return self.model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in self.targets:
+            for key in ("left", "right", "dense", "lora_A", "lora_B"):
+                value = getattr(t, key)
+                if value is not None:
+                    out[f"{t.name}.{key}"] = value
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for t in self.targets:
+            for key in ("left", "right", "dense", "lora_A", "lora_B"):
+                value = state.get(f"{t.name}.{key}")
+                setattr(t, key, None if value is None else value.clone())

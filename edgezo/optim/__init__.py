@@ -1,0 +1,48 @@
+"""The four methods behind one interface: `make_optimizer(name, delta, ...)` -> ZOOptimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from edgezo.delta import DeltaModel
+from edgezo.errors import EdgezoError
+from edgezo.optim.base import LossFn, Method, OptimizerState, StepResult, ZOConfig, ZOOptimizer
+from edgezo.optim.lozo import LOZO
+from edgezo.optim.mezo import MeZO
+from edgezo.optim.zo_mopi import ZOMOPI, released
+from edgezo.optim.zo_muon import ZOMuon
+
+# Defaults per method: (method policy, estimator/schedule settings). See docs/defaults.md.
+DEFAULTS: dict[str, tuple[Method, ZOConfig]] = {
+    "zo-mopi": (ZOMOPI(), ZOConfig(lr=1e-2, n_probes=4, two_sided=True)),
+    "zo-mopi-released": (released(), ZOConfig(lr=1e-2, n_probes=8, two_sided=False)),
+    "zo-muon": (ZOMuon(), ZOConfig(lr=1e-2, n_probes=4, two_sided=False)),
+    "lozo": (LOZO(), ZOConfig(lr=1e-6, n_probes=1, two_sided=True)),
+    "mezo": (MeZO(), ZOConfig(lr=1e-6, n_probes=1, two_sided=True)),
+}
+OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
+
+
+def make_optimizer(name: str, delta: DeltaModel, seed: int = 0, variant: str = "paper", **overrides) -> ZOOptimizer:
+    """A ZOOptimizer for `name` with its defaults, any field of the method or of ZOConfig overridden.
+
+    `variant="released"` (ZO-MOPI only) selects the authors' released configuration, bugs fixed.
+    """
+    key = f"{name}-released" if variant == "released" else name
+    if key not in DEFAULTS:
+        raise EdgezoError(f"unknown optimizer {name!r} (variant {variant!r}); choose one of {', '.join(OPTIMIZERS)}")
+    method, config = DEFAULTS[key]
+    method_fields = {f.name for f in dataclasses.fields(method)}
+    config_fields = {f.name for f in dataclasses.fields(config)}
+    unknown = set(overrides) - method_fields - config_fields
+    if unknown:
+        raise EdgezoError(f"unknown setting(s) {sorted(unknown)} for {name}; valid: {sorted(method_fields | config_fields)}")
+    method = dataclasses.replace(method, **{k: v for k, v in overrides.items() if k in method_fields})
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in config_fields})
+    return ZOOptimizer(delta, method, config, seed=seed)
+
+
+__all__ = [
+    "DEFAULTS", "OPTIMIZERS", "LOZO", "LossFn", "MeZO", "OptimizerState", "StepResult", "ZOConfig",
+    "ZOMOPI", "ZOMuon", "ZOOptimizer", "make_optimizer", "released",
+]

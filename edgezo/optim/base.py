@@ -1,0 +1,141 @@
+"""The one zeroth-order step shared by every method; a method is a small policy object.
+
+    step t:  refresh the window if t % ν == 0            (method.refresh: new basis, fold, reproject)
+             evaluate the slices (fused or separately)   f(θ ± ε·z_i), or f(θ) and f(θ + ε·z_i)
+             g_i  = finite difference per probe          (edgezo.zo.estimators)
+             Ĝ    = (1/N) Σ_i g_i · u_i per target        (u_i regenerated from its seed)
+             update from Ĝ                               (method.update: SGD, NS5, power iteration…)
+
+Only seeds and the N scalars g_i are needed to reproduce a step, which is what the distributed
+mode sends. All state is in `OptimizerState` (tensors + two integers) and the DeltaModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from edgezo.delta import DeltaModel, DeltaTarget
+from edgezo.zo import estimators
+from edgezo.zo.probes import derive_seed
+
+LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    forwards: int
+    scalars: list[float]
+    refreshed: bool = False
+    dropped_energy: float = 0.0
+
+
+@dataclass
+class OptimizerState:
+    step: int = 0
+    seed: int = 0
+    per_target: list[dict[str, torch.Tensor]] = field(default_factory=list)  # method state, by target
+
+
+class Method(Protocol):
+    """What differs between MeZO, LOZO, ZO-Muon and ZO-MOPI."""
+
+    name: str
+    side: str  # probe geometry of the targets: "right" (P·u), "left" (u·vᵀ) or "full"
+    interval: int  # window length ν; 0 = never refresh
+
+    def init(self, target: DeltaTarget, state: dict[str, torch.Tensor], seed: int) -> None: ...
+
+    def refresh(self, target: DeltaTarget, state: dict[str, torch.Tensor], seed: int) -> None: ...
+
+    def update(self, target: DeltaTarget, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float) -> None: ...
+
+
+@dataclass
+class ZOConfig:
+    """Estimator and schedule settings common to all methods."""
+
+    lr: float = 1e-2
+    eps: float = 1e-3
+    n_probes: int = 4
+    two_sided: bool = False
+    adapter_rank: int | None = None  # cap on the folded adapter's rank; None keeps it exact
+    fuse: int | None = None  # slices per forward; None = all of a step's slices in one forward
+
+
+class ZOOptimizer:
+    """Drive one Method over a DeltaModel with forward passes only."""
+
+    def __init__(self, delta: DeltaModel, method: Method, config: ZOConfig, seed: int = 0):
+        self.delta, self.method, self.config = delta, method, config
+        self.state = OptimizerState(step=0, seed=seed, per_target=[{} for _ in delta.targets])
+        for target, st in zip(delta.targets, self.state.per_target):
+            target.side = method.side
+            method.init(target, st, derive_seed(seed, -1, target.index))
+
+    @property
+    def targets(self) -> list[DeltaTarget]:
+        return self.delta.targets
+
+    def probe_seed(self, step: int, probe: int) -> int:
+        return derive_seed(self.state.seed, step, probe)
+
+    @torch.no_grad()
+    def step(self, loss_fn: LossFn, batch: dict) -> StepResult:
+        cfg, t = self.config, self.state.step
+        refreshed, dropped = self._maybe_refresh(t)
+        plan = estimators.slices(cfg.n_probes, cfg.two_sided)
+        losses = self.evaluate(loss_fn, batch, plan, t)
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(f"non-finite loss at step {t}: {losses.tolist()}")
+        g, loss = estimators.probe_scalars(losses, cfg.n_probes, cfg.two_sided, cfg.eps)
+        self.apply_update(g, t)
+        return StepResult(loss, len(plan), g.tolist(), refreshed, dropped)
+
+    def _maybe_refresh(self, t: int) -> tuple[bool, float]:
+        nu = self.method.interval
+        if t == 0 or nu <= 0 or t % nu != 0:
+            return False, 0.0
+        dropped = 0.0
+        for target, st in zip(self.targets, self.state.per_target):
+            dropped = max(dropped, target.fold(self.config.adapter_rank))
+            self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
+        return True, dropped
+
+    def evaluate(self, loss_fn: LossFn, batch: dict, plan: list[estimators.Slice], t: int) -> torch.Tensor:
+        """The loss of every slice; `config.fuse` slices share one forward (batch stacked slice-major)."""
+        chunk = self.config.fuse or len(plan)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(plan), chunk):
+                part = plan[start : start + chunk]
+                seeds = [None if s.probe < 0 else self.probe_seed(t, s.probe) for s in part]
+                scales = [s.sign * self.config.eps for s in part]
+                stacked = {k: v.repeat(len(part), *[1] * (v.dim() - 1)) for k, v in batch.items()}
+                with self.delta.probe(seeds, scales):
+                    out.append(loss_fn(self.delta.model, stacked, len(part)).double().cpu())
+        return torch.cat(out)
+
+    def apply_update(self, g: torch.Tensor, t: int) -> None:
+        """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update. Advances the step."""
+        n = len(g)
+        seeds = [self.probe_seed(t, i) for i in range(n)]
+        for target, st in zip(self.targets, self.state.per_target):
+            grad = sum(float(g[i]) * target.probe(seeds[i], target.device) for i in range(n)) / n
+            self.method.update(target, st, grad, self.config.lr)
+        self.state.step = t + 1
+
+    # -- explicit state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        tensors = {f"{t.name}.{k}": v for t, st in zip(self.targets, self.state.per_target) for k, v in st.items()}
+        return {"step": self.state.step, "seed": self.state.seed, "tensors": tensors}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state.step, self.state.seed = int(sd["step"]), int(sd["seed"])
+        for target, st in zip(self.targets, self.state.per_target):
+            prefix = target.name + "."
+            st.clear()
+            st.update({k[len(prefix) :]: v.clone() for k, v in sd["tensors"].items() if k.startswith(prefix)})

@@ -1,0 +1,70 @@
+"""ZO-MOPI (Chen & Ma, 2026): momentum-projected subspace + partial orthogonalization.
+
+For each target W (m×n), with orthonormal A = P (m×r) and probes B_i = u_i (r×n):
+
+    Ĝ_t = (1/N) Σ_i g_i B_i                      g_i from f(X ± μ A B_i)      (estimators.py)
+    M_t = β M_{t−1} + (1−β) Ĝ_t                                              (M_0 = 0)
+    V_t = QR(M_tᵀ M_t V_{t−1}),   U_t = colnorm(M_t V_t)                      one power-iteration sweep
+    X  ← X − η A U_t V_tᵀ                                                      ‖ΔX‖_F = η√k
+    every ν steps: A ← QR([A U_k(M) | G]),  M ← A_newᵀ A_old M,  V carried   momentum-anchored refresh
+
+`variant="released"` (see `released()`) reproduces the authors' code's choices — Haar refresh, V
+reset at refresh, β = 0, one-sided N+1 queries — without its bugs (B1, B5: every draw has its own
+generator, and the momentum is reprojected without the spurious 1/m).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgezo.delta import DeltaTarget
+from edgezo.zo.orthogonalize import streaming_power_iteration
+from edgezo.zo.probes import derive_seed, gaussian
+from edgezo.zo.subspace import anchored_basis, haar_basis, orthonormalize, reproject
+
+
+@dataclass
+class ZOMOPI:
+    rank: int = 64
+    k: int = 32
+    beta: float = 0.9
+    interval: int = 100
+    anchored: bool = True  # paper: refresh keeps the momentum's top-k directions; released: Haar
+    carry_v: bool = True  # paper: power-iteration state survives a refresh; released: reset
+    name: str = "zo-mopi"
+    side: str = "right"
+
+    def init(self, target: DeltaTarget, state: dict, seed: int) -> None:
+        m, n = target.out_features, target.in_features
+        r = min(self.rank, m)
+        target.left = haar_basis(m, r, seed, target.device)
+        target.right = torch.zeros(r, n, device=target.device)
+        state["momentum"] = torch.zeros(r, n, device=target.device)
+        state["v"] = self._random_v(target, r, seed)
+
+    def _random_v(self, target: DeltaTarget, r: int, seed: int) -> torch.Tensor:
+        k = min(self.k, r, target.in_features)
+        return orthonormalize(gaussian((target.in_features, k), derive_seed(seed, 1), target.device))
+
+    def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
+        p_old, r = target.left, target.left.shape[1]
+        if self.anchored:
+            p_new = anchored_basis(p_old, state["momentum"], self.k, seed)
+        else:
+            p_new = haar_basis(target.out_features, r, seed, target.device)
+        state["momentum"] = reproject(p_new, p_old, state["momentum"])
+        if not self.carry_v:
+            state["v"] = self._random_v(target, r, seed)
+        target.left = p_new
+
+    def update(self, target: DeltaTarget, state: dict, grad: torch.Tensor, lr: float) -> None:
+        m = state["momentum"].mul_(self.beta).add_(grad, alpha=1 - self.beta)
+        o, state["v"] = streaming_power_iteration(m, state["v"], state["v"].shape[1])
+        target.right -= lr * o
+
+
+def released() -> ZOMOPI:
+    """The released code's algorithm (ZOMuonTrainer, README recipe), bugs fixed."""
+    return ZOMOPI(rank=64, k=32, beta=0.0, interval=500, anchored=False, carry_v=False)
