@@ -95,6 +95,10 @@ class ZOOptimizer:
         self.apply_update(g, t)
         return StepResult(loss, len(plan), g.tolist(), refreshed, dropped)
 
+    def skip_step(self) -> None:
+        """Advance past a step whose losses were unusable; its probes are simply never applied."""
+        self.state.step += 1
+
     def _maybe_refresh(self, t: int) -> tuple[bool, float]:
         nu = self.method.interval
         if t == 0 or nu <= 0 or t % nu != 0:

