@@ -113,6 +113,8 @@ class DeltaTarget:
         out: torch.Tensor | int = 0
         if self.lora_A is not None and self.lora_A.shape[0] > 0:
             out = (x @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+        if self.right is None and self.dense is None:  # adapter only (inference with a loaded adapter)
+            return out
         if self.side == "right":
             h = x @ self.right.to(dtype).T
             if probing is not None:

@@ -34,7 +34,7 @@ GiB = 1 << 30
 # Baseline RSS of python + torch + transformers + edgezo with kernels paged in by a first forward.
 # CPU: measured (tests/test_plan.py::measure_runtime, torch 2.13 / transformers 5.24, x86-64 Linux).
 # cuda/mps: estimates of the CUDA context + cuBLAS workspace / Metal runtime; profiles may override.
-RUNTIME_BYTES = {"cpu": 381 << 20, "cuda": 600 << 20, "mps": 800 << 20}
+RUNTIME_BYTES = {"cpu": 363 << 20, "cuda": 600 << 20, "mps": 800 << 20}
 FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 QUANT_BYTES = {"bnb-int8": 1.0, "quanto-int8": 1.0, "bnb-nf4": 0.5 + 4 / 64, "quanto-int4": 0.5 + 4 / 128}  # + scales
 PRECISIONS = tuple(FLOAT_BYTES) + tuple(QUANT_BYTES)
@@ -326,13 +326,13 @@ def _size(key: str, value) -> float:
     return float("inf") if value is None else value
 
 
-def pin_heap_threshold(nbytes: int = 1 << 20) -> bool:
+def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:
     """Make RSS follow the live tensors that this model predicts (Linux/glibc; False elsewhere).
 
     glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed and then keeps freed
     blocks below it in the heap, so RSS peaks land 10-20% above the live-tensor peak, by amounts that
-    vary run to run. A fixed threshold gives every block >= `nbytes` its own mapping, returned to
-    the OS when freed. Call once at startup, before the model is loaded.
+    vary run to run. Pinning it (at glibc's initial 128 KiB) gives every block >= `nbytes` its own
+    mapping, returned to the OS when freed. Call once at startup, before the model is loaded.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -128,11 +128,12 @@ def tune(
         data_path, loaded.tokenizer, cfg.task, eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
         label_words=cfg.label_words, template=cfg.template, seed=cfg.seed,
     )
-    has_checkpoint = _prepare_out_dir(out, _fingerprint(cfg, loaded.folder, data_path), resume)
 
     delta = DeltaModel.attach(loaded.model, cfg.targets)
     opt = make_optimizer(cfg.optimizer, delta, seed=cfg.seed, variant=cfg.variant,
                          adapter_rank=cfg.adapter_rank, **cfg.optim)
+    # only now, with every setting validated, may the run claim `out`
+    has_checkpoint = _prepare_out_dir(out, _fingerprint(cfg, loaded.folder, data_path), resume)
     loss_fn = data_mod.make_loss(task)
     metrics_path = out / metrics.METRICS
     forwards, elapsed_before = 0, 0.0

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,19 +23,29 @@ from transformers import LlamaConfig
 from edgezo.errors import EdgezoError
 from edgezo.plan import (PRIORITY, RUNTIME_BYTES, Settings, anatomy, largest_fitting, load_config, plan)
 from edgezo.runtime.memory import peak_rss_of_child
-from edgezo.runtime.synthetic import SHAPES, make_model
+from edgezo.runtime.synthetic import SHAPES, make_model, save_model_dir
 
 MID = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6)  # ~17M params
+SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = 0.10
 
-# (name, shape, vocab, settings, steps): two steps with interval=1 fold an adapter before the 2nd step,
-# so the measured step is the steady state the plan models.
+# (name, source, settings, steps). source: a random model {"shape", "vocab"}, or {"save": shape} for a
+# folder written by save_model_dir and loaded by load_model. Two steps with interval=1 fold an adapter
+# before the second step, so the measured step is the steady state the plan models.
 CASES = [
-    ("tiny zo-mopi b4 s32", SHAPES["tiny"], 512, Settings(batch_size=4, seq_len=32, interval=1), 2),
-    ("17M zo-mopi b4 s64", MID, 8192, Settings(batch_size=4, seq_len=64, interval=1), 2),
-    ("17M mezo b8 s64 fuse1", MID, 8192, Settings("mezo", n_probes=1, batch_size=8, seq_len=64, fuse=1), 1),
-    ("17M lozo b4 s128 scored", MID, 8192,
+    ("tiny zo-mopi b4 s32", {"shape": SHAPES["tiny"], "vocab": 512}, Settings(batch_size=4, seq_len=32, interval=1), 2),
+    ("17M zo-mopi b4 s64", {"shape": MID, "vocab": 8192}, Settings(batch_size=4, seq_len=64, interval=1), 2),
+    ("17M mezo b8 s64 fuse1", {"shape": MID, "vocab": 8192},
+     Settings("mezo", n_probes=1, batch_size=8, seq_len=64, fuse=1), 1),
+    ("17M lozo b4 s128 scored", {"shape": MID, "vocab": 8192},
      Settings("lozo", rank=2, n_probes=2, two_sided=False, interval=1, batch_size=4, seq_len=128, loss="scored"), 2),
+    ("17M bf16 zo-muon b4 s64", {"shape": MID, "vocab": 8192},
+     Settings("zo-muon", precision="bf16", batch_size=4, seq_len=64, interval=1), 2),
+    ("15M fp32 loaded b4 s64", {"save": MID}, Settings(batch_size=4, seq_len=64, interval=1), 2),
+    ("15M quanto-int8 loaded b4", {"save": MID}, Settings(precision="quanto-int8", batch_size=4, seq_len=64, interval=1), 2),
+    ("135M zo-mopi b2 s64", {"shape": SMOL_SHAPE, "vocab": 49152}, Settings(batch_size=2, seq_len=64, interval=1), 2),
 ]
 FAST = [0, 1, 2]  # the cases pytest runs (all of them: python tests/test_plan.py)
 
@@ -53,17 +65,27 @@ def _vm_hwm() -> int:
     raise RuntimeError("no VmHWM")
 
 
-def run_steps(shape: dict, vocab: int, settings: dict, steps: int) -> tuple[str, int]:
-    """In a fresh process: build the model, run `steps` ZO steps; return (config json, peak RSS bytes)."""
+def run_steps(source: dict, settings: dict, steps: int) -> tuple[str, int]:
+    """In a fresh process: get the model, run `steps` ZO steps; return (config json, peak RSS bytes).
+
+    source: {"shape", "vocab"} builds a random model in the settings' float precision; {"folder"}
+    goes through load_model (any precision), after which the peak is reset so loading isn't counted.
+    """
     from edgezo.plan import pin_heap_threshold
 
     pin_heap_threshold()
     from edgezo.data import make_loss
     from edgezo.delta import DeltaModel
     from edgezo.optim import make_optimizer
+    from edgezo.runtime.load import load_model
 
     s = Settings(**settings)
-    model = make_model("llama", vocab_size=vocab, **shape)
+    if "folder" in source:
+        model = load_model(source["folder"], s.precision).model
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    else:
+        model = make_model("llama", vocab_size=source["vocab"], **source["shape"]).to(DTYPES[s.precision])
+    vocab = model.config.vocab_size
     opt = make_optimizer(s.optimizer, DeltaModel.attach(model), **s.optimizer_kwargs())
     ids = torch.randint(0, vocab, (s.batch_size, s.seq_len), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids}
@@ -76,17 +98,22 @@ def run_steps(shape: dict, vocab: int, settings: dict, steps: int) -> tuple[str,
     return model.config.to_json_string(), _vm_hwm()
 
 
-def measure(case):
+def measure(case, workdir: Path):
     """(plan, measured peak bytes) of one calibration case."""
-    _, shape, vocab, settings, steps = case
-    (config_json, peak), _ = peak_rss_of_child(run_steps, shape, vocab, dataclasses.asdict(settings), steps)
+    _, source, settings, steps = case
+    if "save" in source:
+        folder = workdir / "model"
+        if not folder.exists():
+            save_model_dir(folder, **source["save"])
+        source = {"folder": str(folder)}
+    (config_json, peak), _ = peak_rss_of_child(run_steps, source, dataclasses.asdict(settings), steps)
     return plan(LlamaConfig.from_dict(json.loads(config_json)), settings), peak
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 @pytest.mark.parametrize("index", FAST, ids=[CASES[i][0] for i in FAST])
-def test_plan_predicts_measured_peak(index):
-    predicted, measured = measure(CASES[index])
+def test_plan_predicts_measured_peak(index, tmp_path):
+    predicted, measured = measure(CASES[index], tmp_path)
     predicted = predicted.peak_bytes
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted / 2**20, measured / 2**20)
 
@@ -172,8 +199,9 @@ def test_config_from_folder_and_gguf(tmp_path):
 if __name__ == "__main__":  # the calibration table; the tiny case's residual is the runtime baseline
     M = 2**20
     print(f"{'case':26} {'predicted':>9} {'measured':>9} {'error':>6}  items (MiB)")
-    for case in CASES:
-        p, measured = measure(case)
+    workdir = Path(tempfile.mkdtemp())
+    for case in [CASES[int(i)] for i in sys.argv[1:]] or CASES:
+        p, measured = measure(case, workdir)
         items = " ".join(f"{k}={v / M:.1f}" for k, v in p.items.items() if v)
         print(f"{case[0]:26} {p.peak_bytes / M:8.1f}M {measured / M:8.1f}M {p.peak_bytes / measured - 1:+6.1%}  {items}")
         if case is CASES[0]:

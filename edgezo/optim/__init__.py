@@ -14,7 +14,7 @@ from edgezo.optim.zo_muon import ZOMuon
 
 # Defaults per method: (method policy, estimator/schedule settings). See docs/defaults.md.
 DEFAULTS: dict[str, tuple[Method, ZOConfig]] = {
-    "zo-mopi": (ZOMOPI(), ZOConfig(lr=1e-2, n_probes=4, two_sided=True)),
+    "zo-mopi": (ZOMOPI(), ZOConfig(lr=1e-2, n_probes=8, two_sided=False)),
     "zo-mopi-released": (released(), ZOConfig(lr=1e-2, n_probes=8, two_sided=False)),
     "zo-muon": (ZOMuon(), ZOConfig(lr=1e-2, n_probes=4, two_sided=False)),
     "lozo": (LOZO(), ZOConfig(lr=1e-6, n_probes=1, two_sided=True)),

