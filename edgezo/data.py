@@ -370,7 +370,7 @@ def evaluate(model: torch.nn.Module, data: TaskData, batch_size: int = 16) -> di
     """{"eval_loss"} (and {"eval_accuracy"} for classify) over data.eval, with the training loss code."""
     loss_fn, total, correct = make_loss(data), 0.0, 0
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: quanto int4 kernels bump version counters
         for start in range(0, len(data.eval), batch_size):
             chunk = data.eval[start: start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, data.pad_id).items()}

@@ -65,10 +65,6 @@ def load_adapter(delta: DeltaModel, adapter_dir: str | Path) -> None:
         if f"{key}.lora_A.weight" in tensors:
             t.lora_A = tensors[f"{key}.lora_A.weight"].float().to(t.device)
             t.lora_B = scale * tensors[f"{key}.lora_B.weight"].float().to(t.device)
-        if t.right is None and t.dense is None:  # attached without an optimizer: an empty window, so forwards work
-            t.side = "right"
-            t.left = torch.zeros(t.out_features, 0, device=t.device)
-            t.right = torch.zeros(0, t.in_features, device=t.device)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:

@@ -23,6 +23,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -291,12 +292,13 @@ PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "fuse
 
 
 def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,
-                    runtime_bytes: int | None = None) -> Settings | None:
-    """The largest settings that fit `budget_bytes`, or None when even the smallest candidates don't.
+                    runtime_bytes: int | None = None, accept: Callable[[Settings], bool] | None = None
+                    ) -> Settings | None:
+    """The largest settings that fit `budget_bytes` (and pass `accept`), or None when even the smallest don't.
 
     Keys are fixed in PRIORITY order, each to its largest candidate that still fits with every later
     key at its smallest; keys without candidates keep `base`'s value. Memory grows with every key, so
-    a larger budget never gives smaller settings.
+    a larger budget never gives smaller settings (`accept` must be monotone too, like a step count).
     """
     a = anatomy(load_config(config))
     unknown = sorted(set(candidates) - set(PRIORITY))
@@ -312,7 +314,7 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
         smallest_rest = {k: ranked[k][-1] for k in keys[i + 1:]}
         for value in ranked[key]:
             trial = dataclasses.replace(base, **chosen, **{key: value}, **smallest_rest)
-            if _plan(a, trial, budget_bytes, runtime_bytes).fits:
+            if _plan(a, trial, budget_bytes, runtime_bytes).fits and (accept is None or accept(trial)):
                 chosen[key] = value
                 break
         else:

@@ -7,7 +7,9 @@ and end with the same adapter bytes as a run never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import signal
@@ -18,11 +20,12 @@ from typing import Callable
 
 from edgezo import data as data_mod
 from edgezo import metrics
-from edgezo.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, truncate_jsonl
+from edgezo.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, state_hash, truncate_jsonl
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel
+from edgezo.distributed import PeerLost, Replicas, make_parallel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
-from edgezo.optim import make_optimizer
+from edgezo.optim import ZOOptimizer, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory
 
@@ -50,6 +53,8 @@ class TuneConfig:
     adapter_rank: int | None = 64
     label_words: dict | None = None
     template: str | None = None
+    distributed: str | None = None  # "data" | "probe" | "federated" over torch.distributed's default group
+    hash_every: int = 10  # distributed: steps between checks that every rank holds the same state
 
 
 @dataclass
@@ -63,8 +68,9 @@ class TuneResult:
 
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
-    """What must match for --resume to continue the same run (steps and max_time may change)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "max_time")}
+    """What must match for --resume to continue the same run (steps, max_time and the process count may change)."""
+    free = ("steps", "max_time", "distributed", "hash_every")
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     digest = hashlib.sha256(data_path.read_bytes()).hexdigest()[:16]
     return {"model": str(model_folder), "data": str(data_path), "data_sha256": digest, "settings": settings}
 
@@ -84,6 +90,39 @@ def _prepare_out_dir(out: Path, fingerprint: dict, resume: bool) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2)))
     return False
+
+
+def _parallel(cfg: TuneConfig, task: data_mod.TaskData) -> Replicas | None:
+    if not cfg.distributed:
+        return None
+    rows = len(task.labels) if task.task == "classify" else 1  # classify: an example is one row per label
+    return make_parallel(cfg.distributed, rows_per_example=rows, batch_size=cfg.batch_size)
+
+
+def _shared_settings(cfg: TuneConfig, fingerprint: dict) -> dict:
+    """What every rank must have been given: all settings, and the same data unless each brings its own."""
+    data = None if cfg.distributed == "federated" else fingerprint["data_sha256"]
+    return {"config": dataclasses.asdict(cfg), "data": data}
+
+
+def _agree(parallel: Replicas, cfg: TuneConfig, delta: DeltaModel, opt: ZOOptimizer, stopping: bool) -> bool:
+    """Every hash_every steps check that the replicas are identical; stop all ranks at the same step."""
+    step = opt.state.step
+    if cfg.hash_every and (step % cfg.hash_every == 0 or step == cfg.steps):
+        parallel.check_same(state_hash(delta, opt), step)
+    return parallel.any(stopping)
+
+
+@contextlib.contextmanager
+def _lost_peers(where: Callable[[], tuple[int, int | None]]):
+    """A dead or silent peer ends the run on every rank with where it stopped and how to go on."""
+    try:
+        yield
+    except PeerLost as err:
+        step, saved = where()
+        last = f"the last checkpoint is at step {saved}" if saved is not None else "no checkpoint was written yet"
+        raise EdgezoError(f"rank {err.rank} lost contact with its peers at step {step} ({err.cause}); "
+                          f"{last}; restart with --resume") from None
 
 
 class _StopFlag:
@@ -130,30 +169,42 @@ def tune(
     )
 
     delta = DeltaModel.attach(loaded.model, cfg.targets)
+    parallel = _parallel(cfg, task)
+    writer = parallel is None or parallel.rank == 0  # rank 0 alone writes into `out`
     opt = make_optimizer(cfg.optimizer, delta, seed=cfg.seed, variant=cfg.variant,
-                         adapter_rank=cfg.adapter_rank, **cfg.optim)
+                         adapter_rank=cfg.adapter_rank, parallel=parallel, **cfg.optim)
     # only now, with every setting validated, may the run claim `out`
-    has_checkpoint = _prepare_out_dir(out, _fingerprint(cfg, loaded.folder, data_path), resume)
+    fingerprint = _fingerprint(cfg, loaded.folder, data_path)
+    claim = functools.partial(_prepare_out_dir, out, fingerprint, resume)
+    has_checkpoint = parallel.start(claim, _shared_settings(cfg, fingerprint)) if parallel else claim()
     loss_fn = data_mod.make_loss(task)
     metrics_path = out / metrics.METRICS
     forwards, elapsed_before = 0, 0.0
     if resume and has_checkpoint:
-        info = load_checkpoint(out, delta, opt)
+        info = load_checkpoint(out, delta, opt)  # every rank: rank 0's checkpoint in the shared `out`
         forwards, elapsed_before = info["forwards"], info["elapsed_s"]
-        truncate_jsonl(metrics_path, opt.state.step)
+        if writer:
+            truncate_jsonl(metrics_path, opt.state.step)
+    saved_step = opt.state.step if has_checkpoint else None
 
     def log(record: dict) -> None:
+        if not writer:
+            return
         metrics.append(metrics_path, record)
         if callback:
             callback(record)
 
     def checkpoint() -> None:
-        save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start})
+        nonlocal saved_step
+        if writer:
+            save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start})
+        saved_step = opt.state.step
 
     start, bad_steps, last_loss, last_eval, interrupted = time.time(), 0, float("nan"), {}, False
-    with PeakMemory(loaded.device) as mem, _StopFlag() as stop:
+    with PeakMemory(loaded.device) as mem, _StopFlag() as stop, _lost_peers(lambda: (opt.state.step, saved_step)):
         while opt.state.step < cfg.steps:
             step = opt.state.step
+            sent = parallel.sent if parallel else 0
             batch = {k: v.to(loaded.device) for k, v in data_mod.batch_at(task, cfg.batch_size, cfg.seed, step).items()}
             try:
                 result = opt.step(loss_fn, batch)
@@ -170,20 +221,25 @@ def tune(
             bad_steps, forwards, last_loss = 0, forwards + result.forwards, result.loss
             now = elapsed_before + time.time() - start
             step = opt.state.step
+            stopping = bool(stop.raised or (cfg.max_time and now >= cfg.max_time))
+            if parallel:
+                stopping = _agree(parallel, cfg, delta, opt, stopping)
             if step % cfg.log_every == 0 or step == cfg.steps:
+                ranks = {"world_size": parallel.world, "comm_bytes": parallel.sent - sent} if parallel else {}
                 log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.peak_bytes,
-                     "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed})
+                     "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed, **ranks})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
                 log({"step": step, "forwards": forwards, **last_eval})
             if step % cfg.checkpoint_every == 0:
                 checkpoint()
-            if stop.raised or (cfg.max_time and now >= cfg.max_time):
+            if stopping:
                 interrupted = True
                 break
         checkpoint()
-    export_adapter(delta, out, loaded.folder, max_rank=cfg.adapter_rank)
-    metrics.plot_curves(metrics_path, out / metrics.CURVES)
+    if writer:
+        export_adapter(delta, out, loaded.folder, max_rank=cfg.adapter_rank)
+        metrics.plot_curves(metrics_path, out / metrics.CURVES)
     delta.detach()
     if stop.raised:
         log({"step": opt.state.step, "stopped_by": stop.raised})

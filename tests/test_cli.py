@@ -40,7 +40,7 @@ def fails(*args, match: str = "") -> str:
     """The one error line of a command that must fail."""
     result = run(*args)
     assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and not isinstance(result.exception, (AssertionError, TypeError))
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output  # a handled error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert match in lines[0]
@@ -108,8 +108,25 @@ def test_export_merge_writes_a_loadable_model(files, tuned, tmp_path):
 
 def test_plan_json_is_one_object(files):
     _, model, _, _ = files
-    out = json.loads(ok("plan", model, "--json").stdout)
-    assert {"peak_bytes", "budget_bytes", "fits", "items", "settings"} <= set(out)
+    out = json.loads(ok("plan", model, "--profile", "ci-2core", "--json").stdout)
+    assert {"peak_bytes", "budget_bytes", "fits", "items", "settings"} <= set(out) and out["fits"] is True
+    assert json.loads(ok("plan", model, "--json").stdout)["fits"] is None  # no profile: no budget
+    assert "fits" in ok("plan", model, "--profile", "ci-2core").stdout
+
+
+def test_profiles_list_and_show():
+    listed = ok("profiles", "list").stdout
+    assert "ci-2core" in listed and "laptop-cpu-16gb" in listed
+    shown = ok("profiles", "show", "ci-2core").stdout
+    assert "memory_budget_gb" in shown and "ci-2core.toml" in shown
+
+
+def test_tune_with_a_profile(files, tmp_path):
+    _, model, data, _ = files
+    ok("tune", model, data, "--profile", "ci-2core", "--steps", "1", "--batch-size", "2", "--out", tmp_path / "run")
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert settings["max_length"] in (128, 64, 32) and settings["optim"]["n_probes"] in (4, 2)  # ci-2core's search
+    assert settings["batch_size"] == 2  # an explicit flag beats the profile
 
 
 def test_python_m_edgezo_help():
@@ -148,6 +165,17 @@ def test_missing_model_and_unavailable_device(files, tmp_path):
     fails("tune", tmp_path / "no-model", data, "--out", tmp_path / "a", match="does not exist")
     fails("tune", model, data, "--out", tmp_path / "b", "--device", "cuda", match="cuda")
     fails("eval", tmp_path / "no-model", data, match="does not exist")
+
+
+def test_unknown_profile_and_budget_too_small(files, tmp_path):
+    _, model, data, _ = files
+    fails("plan", model, "--profile", "no-such-device", match="unknown profile")
+    fails("tune", model, data, "--profile", "no-such-device", "--out", tmp_path / "a", match="unknown profile")
+    tiny = tmp_path / "tiny.toml"
+    tiny.write_text('name = "tiny"\ndevice = "cpu"\nmemory_budget_gb = 0.01\ntime_budget_min = 1\n'
+                    'throughput_gflops = 10\n[search]\nbatch_size = [2, 1]\n')
+    fails("tune", model, data, "--profile", tiny, "--out", tmp_path / "b", match="budget")
+    fails("plan", model, "--profile", tiny, match="budget")
 
 
 def test_out_dir_holding_another_run(files, tuned):

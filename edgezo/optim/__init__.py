@@ -23,10 +23,12 @@ DEFAULTS: dict[str, tuple[Method, ZOConfig]] = {
 OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
 
 
-def make_optimizer(name: str, delta: DeltaModel, seed: int = 0, variant: str = "paper", **overrides) -> ZOOptimizer:
+def make_optimizer(name: str, delta: DeltaModel, seed: int = 0, variant: str = "paper", parallel=None,
+                   **overrides) -> ZOOptimizer:
     """A ZOOptimizer for `name` with its defaults, any field of the method or of ZOConfig overridden.
 
     `variant="released"` (ZO-MOPI only) selects the authors' released configuration, bugs fixed.
+    `parallel` (edgezo.distributed.make_parallel) spreads each step's evaluations over a process group.
     """
     key = f"{name}-released" if variant == "released" else name
     if key not in DEFAULTS:
@@ -39,7 +41,7 @@ def make_optimizer(name: str, delta: DeltaModel, seed: int = 0, variant: str = "
         raise EdgezoError(f"unknown setting(s) {sorted(unknown)} for {name}; valid: {sorted(method_fields | config_fields)}")
     method = dataclasses.replace(method, **{k: v for k, v in overrides.items() if k in method_fields})
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in config_fields})
-    return ZOOptimizer(delta, method, config, seed=seed)
+    return ZOOptimizer(delta, method, config, seed=seed, parallel=parallel)
 
 
 __all__ = [

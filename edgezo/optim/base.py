@@ -13,13 +13,16 @@ mode sends. All state is in `OptimizerState` (tensors + two integers) and the De
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
 from edgezo.delta import DeltaModel, DeltaTarget
 from edgezo.zo import estimators
 from edgezo.zo.probes import derive_seed
+
+if TYPE_CHECKING:
+    from edgezo.distributed import Replicas
 
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
@@ -69,8 +72,10 @@ class ZOConfig:
 class ZOOptimizer:
     """Drive one Method over a DeltaModel with forward passes only."""
 
-    def __init__(self, delta: DeltaModel, method: Method, config: ZOConfig, seed: int = 0):
+    def __init__(self, delta: DeltaModel, method: Method, config: ZOConfig, seed: int = 0,
+                 parallel: Replicas | None = None):
         self.delta, self.method, self.config = delta, method, config
+        self.parallel = parallel  # edgezo.distributed: spreads evaluate() over the ranks of a process group
         self.state = OptimizerState(step=0, seed=seed, per_target=[{} for _ in delta.targets])
         for target, st in zip(delta.targets, self.state.per_target):
             target.side = method.side
@@ -110,10 +115,17 @@ class ZOOptimizer:
         return True, dropped
 
     def evaluate(self, loss_fn: LossFn, batch: dict, plan: list[estimators.Slice], t: int) -> torch.Tensor:
+        """The loss of every slice, in this process or shared out over the ranks of `self.parallel`."""
+        def local(part: list[estimators.Slice], rows: dict) -> torch.Tensor:
+            return self._evaluate_here(loss_fn, rows, part, t)
+
+        return local(plan, batch) if self.parallel is None else self.parallel.losses(plan, batch, local)
+
+    def _evaluate_here(self, loss_fn: LossFn, batch: dict, plan: list[estimators.Slice], t: int) -> torch.Tensor:
         """The loss of every slice; `config.fuse` slices share one forward (batch stacked slice-major)."""
         chunk = self.config.fuse or len(plan)
         out = []
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: quanto int4 kernels bump version counters
             for start in range(0, len(plan), chunk):
                 part = plan[start : start + chunk]
                 seeds = [None if s.probe < 0 else self.probe_seed(t, s.probe) for s in part]

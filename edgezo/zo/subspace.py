@@ -18,7 +18,7 @@ def orthonormalize(a: torch.Tensor) -> torch.Tensor:
     q, r = torch.linalg.qr(a.float())
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
-    return q * signs
+    return (q * signs).contiguous()  # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
 
 
 def haar_basis(m: int, r: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""Device profiles: what a device lets edgezo use, resolved into Settings that fit its memory.
+
+A profile is a TOML file (shipped ones live in profiles/, installed as `edgezo.device_profiles`);
+its keys are documented at the top of every shipped file and in `KEYS` below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgezo.errors import EdgezoError
+from edgezo.plan import (GiB, OPTIMIZERS, PRIORITY, MemoryPlan, Settings, anatomy, largest_fitting, load_config,
+                         plan)
+
+DEVICES = ("cpu", "cuda", "mps")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+QUANTIZATIONS = ("none", "bnb-int8", "bnb-nf4", "quanto-int8", "quanto-int4")
+# key: (type, allowed values or None); the first five are required
+KEYS = {
+    "name": (str, None), "device": (str, DEVICES), "memory_budget_gb": (float, None),
+    "time_budget_min": (float, None), "throughput_gflops": (float, None),
+    "description": (str, None), "precision": (str, FLOAT_PRECISIONS), "quantization": (str, QUANTIZATIONS),
+    "optimizer": (str, OPTIMIZERS), "runtime_gb": (float, None), "min_steps": (int, None),
+    "search": (dict, None), "fixed": (dict, None),
+}
+REQUIRED = tuple(KEYS)[:5]
+TOKEN_KEYS = ("seq_len", "batch_size", "n_probes")  # the settings that set a step's work
+FIXED_KEYS = {f.name: type(f.default) for f in dataclasses.fields(Settings)} | {"fuse": int}
+for _k in ("optimizer", "precision", "device"):  # profile-level keys, not fixed settings
+    FIXED_KEYS.pop(_k)
+
+
+@dataclass
+class Profile:
+    name: str
+    device: str  # cpu | cuda | mps
+    memory_budget_gb: float  # what edgezo may use, leaving room for the OS and other apps
+    time_budget_min: float  # wall-clock budget of a run; converted into steps
+    throughput_gflops: float  # effective sustained GFLOP/s of one forward on this device
+    description: str = ""
+    precision: str = "fp32"  # compute precision of unquantized weights
+    quantization: str = "none"  # replaces precision as Settings.precision when not "none"
+    optimizer: str = "zo-mopi"
+    runtime_gb: float | None = None  # override of the plan's runtime baseline (shared-memory devices)
+    min_steps: int = 0  # the search only takes settings that leave this many steps in the time budget
+    search: dict[str, list] = field(default_factory=dict)  # candidates largest_fitting chooses from
+    fixed: dict = field(default_factory=dict)  # Settings fields fixed by the profile
+    source: str = ""
+
+    @property
+    def settings_precision(self) -> str:
+        return self.precision if self.quantization == "none" else self.quantization
+
+
+def _profile_dir() -> Path:
+    try:
+        return Path(str(importlib.resources.files("edgezo.device_profiles")))
+    except ModuleNotFoundError:  # a source checkout that isn't installed: profiles/ sits beside edgezo/
+        return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def list_profiles() -> list[Profile]:
+    """Every shipped profile, by name."""
+    return [load_profile(str(p)) for p in sorted(_profile_dir().glob("*.toml"))]
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A shipped profile by name, or a user's .toml file."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".toml":
+        path = _profile_dir() / f"{name_or_path}.toml"
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.stem for p in _profile_dir().glob("*.toml")))
+            raise EdgezoError(f"unknown profile {name_or_path!r}; use one of {shipped} or a path to a .toml file")
+    if not path.is_file():
+        raise EdgezoError(f"profile file {path} does not exist; pass a .toml path or a shipped profile name")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise EdgezoError(f"profile {path} is not valid TOML ({err}); fix the file") from err
+    return _parse(data, str(path))
+
+
+def _parse(data: dict, source: str) -> Profile:
+    where = f"profile {source}"
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise EdgezoError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(KEYS)}")
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise EdgezoError(f"{where}: missing key(s) {missing}; required: {', '.join(REQUIRED)}")
+    for key, value in data.items():
+        kind, allowed = KEYS[key]
+        _check_type(where, key, value, kind)
+        if allowed and value not in allowed:
+            raise EdgezoError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
+        if kind in (float, int) and value <= 0 and key != "min_steps":
+            raise EdgezoError(f"{where}: {key} must be positive, got {value}")
+    search = {k: _check_candidates(where, k, v) for k, v in data.get("search", {}).items()}
+    fixed = {k: _fixed_value(where, k, v) for k, v in data.get("fixed", {}).items()}
+    return Profile(**{**data, "search": search, "fixed": fixed, "source": source})
+
+
+def _check_type(where: str, key: str, value, kind: type) -> None:
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise EdgezoError(f"{where}: {key} must be a {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _setting_value(where: str, key: str, value):
+    """One value of a Settings field from TOML ("all" spells fuse=None, TOML having no null)."""
+    if key == "fuse" and value == "all":
+        return None
+    kind = FIXED_KEYS[key]
+    _check_type(where, key, value, kind)
+    if kind is int and value <= 0 and key not in ("interval", "adapter_rank"):
+        raise EdgezoError(f"{where}: {key} must be a positive integer, got {value}")
+    return value
+
+
+def _check_candidates(where: str, key: str, values) -> list:
+    if key not in PRIORITY:
+        raise EdgezoError(f"{where}: cannot search over {key!r}; searchable: {', '.join(PRIORITY)}")
+    if not isinstance(values, list) or not values:
+        raise EdgezoError(f"{where}: search.{key} must be a non-empty list of candidates")
+    return [_setting_value(where, key, v) for v in values]
+
+
+def _fixed_value(where: str, key: str, value):
+    if key not in FIXED_KEYS:
+        raise EdgezoError(f"{where}: unknown key fixed.{key}; valid: {', '.join(FIXED_KEYS)}")
+    return _setting_value(where, key, value)
+
+
+def resolve(profile: Profile, model, *, overrides: dict | None = None) -> tuple[Settings, MemoryPlan, int]:
+    """(settings, their memory plan, steps that fit the time budget) of fine-tuning `model` on `profile`.
+
+    `overrides` fixes Settings fields (e.g. from the command line); they are not searched.
+    """
+    overrides = dict(overrides or {})
+    valid = {f.name for f in dataclasses.fields(Settings)}
+    if set(overrides) - valid:
+        raise EdgezoError(f"unknown setting(s) {sorted(set(overrides) - valid)}; valid: {', '.join(sorted(valid))}")
+    own = {"optimizer": profile.optimizer, "device": profile.device, "precision": profile.settings_precision}
+    base = Settings(**{**own, **profile.fixed, **overrides})
+    candidates = {k: v for k, v in profile.search.items() if k not in overrides}
+    budget = int(profile.memory_budget_gb * GiB)
+    runtime = None if profile.runtime_gb is None else int(profile.runtime_gb * GiB)
+    config = load_config(model)
+    enough_steps = lambda s: steps_in_budget(profile, config, s) >= profile.min_steps  # noqa: E731
+    chosen = largest_fitting(config, budget, candidates, base, runtime, enough_steps)
+    if chosen is None:  # min_steps is out of reach: the fewest tokens per step that fit
+        fewest = {k: [min(v)] if k in TOKEN_KEYS else v for k, v in candidates.items()}
+        chosen = largest_fitting(config, budget, fewest, base, runtime)
+    if chosen is None:
+        raise _too_small(profile, config, base, candidates, budget, runtime)
+    return chosen, plan(config, chosen, budget, runtime), steps_in_budget(profile, config, chosen)
+
+
+def _too_small(profile, config, base, candidates, budget, runtime) -> EdgezoError:
+    smallest = {k: sorted(v, key=lambda x: float("inf") if x is None else x)[0] for k, v in candidates.items()}
+    if "streaming" in candidates and base.precision in FLOAT_PRECISIONS:
+        smallest["streaming"] = True
+    p = plan(config, dataclasses.replace(base, **smallest), budget, runtime)
+    helps = ["lower seq_len or batch_size"]
+    if base.precision in FLOAT_PRECISIONS:
+        helps = ['quantize (quantization = "quanto-int4")', "stream layers (search.streaming = [false, true])"] + helps
+    return EdgezoError(
+        f"budget too small: profile {profile.name} allows {profile.memory_budget_gb:g} GiB but the smallest "
+        f"settings need {p.peak_bytes / GiB:.2f} GiB; {', '.join(helps)}, or raise memory_budget_gb"
+    )
+
+
+def steps_in_budget(profile: Profile, config, s: Settings) -> int:
+    """Steps that fit the time budget: a forward costs ~2·(matmul weights)·tokens (+ causal attention)."""
+    a = anatomy(config)
+    tokens = s.slices * s.batch_size * s.seq_len
+    flops = 2 * a.linear_elems * tokens + 2 * a.blocks * a.hidden * s.seq_len * tokens
+    seconds_per_step = flops / (profile.throughput_gflops * 1e9)
+    return max(1, int(profile.time_budget_min * 60 / seconds_per_step))

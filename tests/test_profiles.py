@@ -1,0 +1,134 @@
+"""Device profiles: the shipped files load and resolve; bad files and impossible budgets say what to fix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from transformers import LlamaConfig
+
+from edgezo.errors import EdgezoError
+from edgezo.plan import GiB, PRIORITY, Settings
+from edgezo.profiles import list_profiles, load_profile, resolve
+from edgezo.runtime.synthetic import SHAPES
+
+TINY = LlamaConfig(vocab_size=512, max_position_embeddings=512, **SHAPES["tiny"])
+SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M's shape
+SHIPPED = {"raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "laptop-cpu-16gb", "apple-m-16gb", "rtx-4060-8gb",
+           "phone-arm-12gb", "ci-2core"}
+
+USER_TOML = """
+name = "my-board"
+device = "cpu"
+memory_budget_gb = 3
+time_budget_min = 10
+throughput_gflops = 12.5
+quantization = "quanto-int8"
+
+[search]
+seq_len = [128, 64]
+batch_size = [8, 4, 2]
+fuse = ["all", 1]
+
+[fixed]
+rank = 16
+loss = "scored"
+"""
+
+
+def test_shipped_profiles_are_listed():
+    profiles = {p.name: p for p in list_profiles()}
+    assert SHIPPED <= set(profiles)
+    for name, p in profiles.items():
+        assert p.source.endswith(f"{name}.toml") and p.description
+
+
+@pytest.mark.parametrize("config", [TINY, SMOL], ids=["tiny", "smollm2-135m"])
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_shipped_profile_resolves(name, config):
+    profile = load_profile(name)
+    settings, plan, steps = resolve(profile, config)
+    assert plan.fits and plan.peak_bytes <= profile.memory_budget_gb * GiB
+    assert settings.device == profile.device and settings.optimizer == profile.optimizer
+    assert steps >= 1
+
+
+def test_user_toml(tmp_path):
+    path = tmp_path / "board.toml"
+    path.write_text(USER_TOML)
+    profile = load_profile(str(path))
+    assert profile.name == "my-board" and profile.throughput_gflops == 12.5
+    settings, plan, steps = resolve(profile, SMOL)
+    assert settings.precision == "quanto-int8" and settings.rank == 16 and settings.loss == "scored"
+    assert settings.seq_len in (128, 64) and settings.fuse in (None, 1) and plan.fits
+
+
+def test_overrides_are_fixed_not_searched():
+    settings, _, _ = resolve(load_profile("laptop-cpu-16gb"), TINY, overrides={"seq_len": 64, "optimizer": "mezo"})
+    assert settings.seq_len == 64 and settings.optimizer == "mezo"
+    with pytest.raises(EdgezoError, match="unknown setting"):
+        resolve(load_profile("laptop-cpu-16gb"), TINY, overrides={"sequence": 64})
+
+
+def _write(tmp_path, text: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('colour = "red"\n' + USER_TOML, ["unknown key", "colour", "memory_budget_gb"]),
+    (USER_TOML + 'colour = "red"\n', ["unknown key", "fixed.colour", "rank"]),
+    (USER_TOML.replace("memory_budget_gb = 3", 'memory_budget_gb = "lots"'), ["memory_budget_gb", "float", "str"]),
+    (USER_TOML.replace('device = "cpu"', 'device = "tpu"'), ["device", "tpu", "cpu, cuda, mps"]),
+    (USER_TOML.replace("memory_budget_gb = 3", "memory_budget_gb = -1"), ["memory_budget_gb", "positive"]),
+    (USER_TOML.replace("time_budget_min = 10\n", ""), ["missing", "time_budget_min"]),
+    (USER_TOML.replace("seq_len = [128, 64]", "seq_len = [128, true]"), ["seq_len", "int", "bool"]),
+    (USER_TOML.replace("seq_len = [128, 64]", "lr = [0.1]"), ["search over", "lr", "seq_len"]),
+    ("name = [", ["not valid TOML"]),
+])
+def test_bad_profiles_name_the_key(tmp_path, text, words):
+    with pytest.raises(EdgezoError) as err:
+        load_profile(_write(tmp_path, text))
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_profile_name_lists_the_shipped_ones():
+    with pytest.raises(EdgezoError, match="unknown profile 'toaster'.*raspberry-pi-5-8gb"):
+        load_profile("toaster")
+
+
+def test_budget_too_small_names_the_smallest_peak_and_the_fixes():
+    profile = dataclasses.replace(load_profile("raspberry-pi-5-8gb"), memory_budget_gb=0.5)
+    with pytest.raises(EdgezoError) as err:
+        resolve(profile, SMOL)
+    message = str(err.value)
+    for word in ("budget too small", "GiB", "quantize", "stream", "seq_len"):
+        assert word in message
+
+
+def test_larger_budget_gives_larger_settings():
+    base = dataclasses.replace(load_profile("laptop-cpu-16gb"), min_steps=0)
+    previous = None
+    for gb in (1.5, 2, 3, 5, 8, 12):
+        settings, plan, _ = resolve(dataclasses.replace(base, memory_budget_gb=gb), SMOL)
+        assert plan.peak_bytes <= gb * GiB
+        key = [_size(settings, k) for k in PRIORITY]
+        assert previous is None or key >= previous, gb
+        previous = key
+    assert previous > [_size(resolve(dataclasses.replace(base, memory_budget_gb=1.5), SMOL)[0], k) for k in PRIORITY]
+
+
+def test_min_steps_trades_tokens_per_step_for_steps():
+    free = dataclasses.replace(load_profile("laptop-cpu-16gb"), min_steps=0)
+    timed = dataclasses.replace(free, min_steps=300)
+    _, _, few = resolve(free, SMOL)
+    _, _, many = resolve(timed, SMOL)
+    assert few < 300 <= many
+
+
+def _size(s: Settings, key: str):
+    value = getattr(s, key)
+    return (not value) if key == "streaming" else (float("inf") if value is None else value)
