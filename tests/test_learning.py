@@ -1,9 +1,10 @@
 """Does the engine learn? A teacher–student task where the answer is known (issue: ZO-MOPI vs MeZO).
 
-The student is the teacher with a random rank-2 change in each decoder Linear; the loss is the KL
-divergence to the teacher's next-token distribution. At an equal number of forward passes, ZO-MOPI
-must lower it more than MeZO, on each of 3 seeds. Learning rates come from a small sweep
-(docs/defaults.md): MeZO's best of {3e-5, 1e-4, 3e-4}, ZO-MOPI's best of {1e-2, 3e-2, 1e-1}.
+The student is the teacher with a random rank-2 change (30% of each weight's norm) in each decoder
+Linear; the loss is the KL divergence to the teacher's next-token distribution. At an equal number of
+forward passes, ZO-MOPI must lower it more than MeZO, on each of 3 seeds. Settings come from a sweep
+at seed 0 (docs/defaults.md): MeZO at its best lr of {3e-6, 1e-5, 3e-5, 1e-4}; ZO-MOPI at its best
+of lr {3e-2, 6e-2} × k {8, 16} × β {0, 0.9} (β = 0.9 was clearly worse here: 0.69 vs 0.44 at k = 8).
 """
 
 import copy
@@ -19,8 +20,8 @@ from edgezo.runtime.synthetic import make_model
 
 FORWARDS = 400
 SETTINGS = {
-    "zo-mopi": dict(lr=3e-2, rank=16, k=8, n_probes=8, two_sided=False, interval=20),
-    "mezo": dict(lr=1e-4),
+    "zo-mopi": dict(lr=3e-2, rank=16, k=16, beta=0.0, n_probes=8, two_sided=False, interval=20),
+    "mezo": dict(lr=1e-5),
 }
 
 
@@ -34,7 +35,7 @@ def _teacher_student(seed: int):
         for name, mod in student.named_modules():
             if isinstance(mod, torch.nn.Linear) and ".layers." in name:
                 change = torch.randn(mod.out_features, 2, generator=g) @ torch.randn(2, mod.in_features, generator=g)
-                mod.weight += mod.weight.norm() * change / change.norm()
+                mod.weight += 0.3 * mod.weight.norm() * change / change.norm()
     batch = token_batch(batch=8, length=16, seed=seed)
     with torch.no_grad():
         target = F.log_softmax(teacher(**batch).logits.float(), -1)
