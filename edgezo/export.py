@@ -43,7 +43,8 @@ def export_adapter(delta: DeltaModel, out_dir: str | Path, base_model: str | Pat
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous().cpu()
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(Path(base_model).resolve()),  # absolute, so merging works from any folder
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": sorted(pairs), "inference_mode": True, "init_lora_weights": True,
     }
@@ -71,8 +72,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Write base + adapter as a dense Hugging Face folder (for fp32/fp16/bf16 bases)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    config_path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise EdgezoError(f"no {ADAPTER_CONFIG} in {adapter_dir}; pass the --out folder of an `edgezo tune` run")
+    cfg = json.loads(config_path.read_text())
     base = cfg["base_model_name_or_path"]
+    if not Path(base).is_dir():  # else transformers tries the hub, retrying for half a minute
+        raise EdgezoError(f"the adapter's base model folder {base} does not exist; restore it, or set "
+                          f"base_model_name_or_path in {config_path} to the model folder")
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
     if getattr(model.config, "quantization_config", None) is not None:
         raise EdgezoError("cannot merge into a quantized base; export from a fp32/fp16/bf16 model folder")

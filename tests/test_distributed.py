@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from edgezo.checkpoint import CHECKPOINT, state_hash
 from edgezo.delta import DeltaModel
-from edgezo.distributed import make_parallel, shard
+from edgezo.distributed import MODES, make_parallel, shard
 from edgezo.errors import EdgezoError
 from edgezo.optim import make_optimizer
 from edgezo.runtime.synthetic import save_model_dir
@@ -55,33 +55,35 @@ def _train(parallel=None, batch=None):
     return delta, opt
 
 
-def _replica(rank: int, world: int, port: int, mode: str, out: Path) -> None:
+def _replica(rank: int, world: int, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        parallel = make_parallel(mode)
-        batch = shard(token_batch(), rank, world) if mode == "federated" else None  # each rank brings its own half
-        delta, opt = _train(parallel, batch)
-        torch.save({"state": {**delta.state_dict(), **opt.state_dict()["tensors"]}, "hash": state_hash(delta, opt),
-                    "sent": parallel.sent}, out / f"rank{rank}.pt")
+        for mode in MODES:
+            parallel = make_parallel(mode)
+            batch = shard(token_batch(), rank, world) if mode == "federated" else None  # each rank its own half
+            delta, opt = _train(parallel, batch)
+            torch.save({"state": {**delta.state_dict(), **opt.state_dict()["tensors"]},
+                        "hash": state_hash(delta, opt), "sent": parallel.sent}, out / f"{mode}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["data", "probe", "federated"])
-def test_two_ranks_equal_one_process(mode, tmp_path):
+def test_two_ranks_equal_one_process(tmp_path):
+    """data, probe and federated (each rank's own data = the data shards) all reproduce the one-process run."""
     torch.set_num_threads(1)
-    mp.spawn(_replica, args=(2, free_port(), mode, tmp_path), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["hash"] == ranks[1]["hash"]
-    assert ranks[0]["sent"] / STEPS <= 1024  # only the slice losses: ≤ 2N+1 float64
+    mp.spawn(_replica, args=(2, free_port(), tmp_path), nprocs=2)  # one spawn for all modes: imports are slow
     delta, opt = _train()
     reference = {**delta.state_dict(), **opt.state_dict()["tensors"]}
-    assert reference.keys() == ranks[0]["state"].keys()
-    for key, ref in reference.items():
-        got = ranks[0]["state"][key]
-        assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= 1e-6, key
+    for mode in MODES:
+        ranks = [torch.load(tmp_path / f"{mode}{r}.pt") for r in range(2)]
+        assert ranks[0]["hash"] == ranks[1]["hash"], mode
+        assert ranks[0]["sent"] / STEPS <= 1024, mode  # only the slice losses: ≤ 2N+1 float64
+        assert reference.keys() == ranks[0]["state"].keys()
+        for key, ref in reference.items():
+            got = ranks[0]["state"][key]
+            assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= 1e-6, (mode, key)
 
 
 def test_shard_keeps_an_examples_rows_together():

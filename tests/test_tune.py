@@ -51,7 +51,7 @@ def test_tune_writes_adapter_metrics_curves_checkpoint(tiny_dir, lm_file, tmp_pa
     assert steps[-1]["forwards"] == 12 * 5
     assert any("eval_loss" in r for r in records)
     assert result.steps == 12
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir.resolve())
 
 
 def test_out_dir_guards(tiny_dir, lm_file, tmp_path):

@@ -78,7 +78,7 @@ def resolve_folder(path: str | Path, cache_dir: Path | None = None) -> Path:
             raise EdgezoError(f"{p} is a file but not a .gguf; pass a Hugging Face model folder or a .gguf file")
         return _cached_gguf_folder(p.resolve(), Path(cache_dir) if cache_dir else default_cache_dir())
     _check_folder(p)
-    return p
+    return p.resolve()  # absolute: run.json and adapter configs must name it from any working directory
 
 
 def _check_folder(folder: Path) -> None:

