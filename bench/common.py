@@ -72,6 +72,15 @@ def model_config(shape: str, vocab: int | None = None, layers: int | None = None
     return model.config
 
 
+def param_count(shape: str, vocab: int | None = None, layers: int | None = None) -> int:
+    """Parameters of a synthetic shape (unique tensors, so tied embeddings count once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(shape, vocab, layers))
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_model(shape: str, vocab: int | None = None, layers: int | None = None, dtype=torch.float32,
                 device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
     """A random-init model of `shape`, initialised directly in `dtype` on `device` (fast on a GPU)."""
@@ -178,6 +187,17 @@ def state_bytes(opt) -> int:
             total += 0 if t is None else t.numel() * t.element_size()
         total += sum(t.numel() * t.element_size() for t in st.values())
     return total
+
+
+def probe_draw_matches(device) -> bool:
+    """The delta path draws a slice's probe into a block (DeltaTarget.probe(out=...)); the update redraws it
+    with zo.probes.gaussian. Both must give the same numbers on this device, or the estimate is wrong."""
+    from edgezo.delta import DeltaTarget
+
+    t = DeltaTarget(5, "check", None, 96, 80, torch.device(device), side="full")
+    block = torch.empty(3, 96, 80, device=device)
+    t.probe(1234, torch.device(device), out=block[1])
+    return bool(torch.equal(block[1], t.probe(1234, torch.device(device))))
 
 
 # ---------------------------------------------------------------- data and loss

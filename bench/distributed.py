@@ -9,7 +9,8 @@ token loss of edgezo.data. Runs: one process on --batch rows; `data` over 2 proc
 --batch rows (the global batch doubles, so does the work); `probe` over 2 processes on the one-process
 batch, each evaluating half of the slices. tokens/s = global batch tokens per second of step time.
 
-Bytes per step are what one rank sends (edgezo.distributed's convention: its own part of each
+`gather us` is one all_gather of a step's loss vector, timed back to back after the steps: the
+wire's share of a step. Bytes per step are what one rank sends (edgezo.distributed's convention: its own part of each
 collective): the slice losses, against the gradient a first-order DDP step all-reduces, counted the
 same way (trainable parameters × bytes per gradient element; a ring all-reduce moves about twice
 that per rank): full fine-tuning (every parameter), and a LoRA of the same rank on the same Linears.
@@ -82,13 +83,24 @@ def _worker(rank: int, world: int, mode: str, port: int, args: argparse.Namespac
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    sent = parallel.sent / args.steps if parallel else 0
+    latency = _gather_latency(parallel, args.n_probes + 1) if parallel else 0.0
     if rank == 0:
         step_s = statistics.median(times[args.warmup :])
-        sent = parallel.sent / args.steps if parallel else 0
-        (out / f"{mode}{world}.json").write_text(json.dumps(
-            {"step_s": step_s, "tokens_per_s": rows * args.seq / step_s, "bytes_per_step": sent}))
+        (out / f"{mode}{world}.json").write_text(json.dumps({"step_s": step_s, "tokens_per_s": rows * args.seq / step_s,
+                                                             "bytes_per_step": sent, "gather_s": latency}))
     if parallel:
         dist.destroy_process_group()
+
+
+def _gather_latency(parallel, slices: int, repeats: int = 50) -> float:
+    """Seconds per all_gather of a step's loss vector, back to back (the wire's share of a step)."""
+    losses = torch.zeros(slices, dtype=torch.float64)
+    parallel.gather(losses)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        parallel.gather(losses)
+    return (time.perf_counter() - start) / repeats
 
 
 def _run(world: int, mode: str, args: argparse.Namespace, out: Path) -> dict:
@@ -133,10 +145,11 @@ def main() -> None:
     base = runs["1 process"]
     print(f"{args.shape} ({params / 1e6:.1f}M params, {args.dtype}, {args.device}), zo-mopi N={args.n_probes} "
           f"rank {args.rank}, {args.batch}x{args.seq} tokens per process")
-    print(f"{'run':<12}{'step s':>10}{'tokens/s':>12}{'speedup':>9}{'bytes/step':>12}")
+    print(f"{'run':<12}{'step s':>10}{'tokens/s':>12}{'speedup':>9}{'bytes/step':>12}{'gather us':>11}")
     for name, r in runs.items():
         speedup = r["tokens_per_s"] / base["tokens_per_s"]
-        print(f"{name:<12}{r['step_s']:>10.4f}{r['tokens_per_s']:>12.0f}{speedup:>9.2f}{r['bytes_per_step']:>12.0f}")
+        print(f"{name:<12}{r['step_s']:>10.4f}{r['tokens_per_s']:>12.0f}{speedup:>9.2f}{r['bytes_per_step']:>12.0f}"
+              f"{r['gather_s'] * 1e6:>11.0f}")
     zo = runs["data x2"]["bytes_per_step"]
     print(f"first-order DDP all-reduce per step: full fine-tuning {full:,} B ({full / zo:,.0f}x edgezo's {zo:.0f} B), "
           f"LoRA rank {args.rank} {lora:,} B ({lora / zo:,.0f}x)")
@@ -147,6 +160,7 @@ def main() -> None:
         "speedup_data_x2": round(runs["data x2"]["tokens_per_s"] / base["tokens_per_s"], 3),
         "speedup_probe_x2": round(runs["probe x2"]["tokens_per_s"] / base["tokens_per_s"], 3),
         "zo_bytes_per_step": {"data": zo, "probe": runs["probe x2"]["bytes_per_step"]},
+        "gather_us": round(runs["data x2"]["gather_s"] * 1e6, 1),
         "ddp_bytes_per_step": {"full": full, f"lora_r{args.rank}": lora},
     }))
 

@@ -98,8 +98,11 @@ def _phase(spec: dict) -> dict:
         AutoTokenizer.from_pretrained(folder)
         C.settle()
         return {"peak": C.vm("VmHWM"), "start": C.vm("VmRSS"), "seconds": 0.0}
-    import edgezo.data  # noqa: F401  (imports done before the load, like the runtime phase)
+    import edgezo.data  # (imports done before the load, like the runtime phase)
     import edgezo.optim  # noqa: F401
+
+    if spec.get("logit_elements"):  # diagnostic: the scored loss's LM-head chunk (fp32 logits per call)
+        edgezo.data._LOGIT_ELEMENTS = spec["logit_elements"]
 
     t0 = time.perf_counter()
     loaded = _load(spec)
@@ -127,13 +130,16 @@ def _phase(spec: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- CUDA: one process, allocator peaks
+# ---------------------------------------------------------------- CUDA (or --inprocess): one process, PeakMemory
 
 
-class _CudaRunner:
+class _InProcessRunner:
+    """All phases of one precision on one model in this process (CUDA: allocator peak, reset per phase)."""
+
     def __init__(self, args, precision: str):
         self.args, self.precision = args, precision
         self.model = None
+        self.cuda = args.device == "cuda"
 
     def load(self):
         from edgezo.runtime.load import load_model
@@ -141,21 +147,26 @@ class _CudaRunner:
         a = self.args
         if self.precision in ("fp16", "bf16", "fp32"):
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.precision]
-            self.model = C.build_model(a.shape, a.vocab, a.layers, dtype, "cuda")
-        else:
-            folder = C.synthetic_folder(a.shape, a.vocab, a.layers, "fp16", "cuda")
-            self.model = load_model(folder, precision=self.precision, device="cuda").model
+            self.model = C.build_model(a.shape, a.vocab, a.layers, dtype, a.device)
+        else:  # quantized: save the random model once, then load it as a user would
+            folder = C.synthetic_folder(a.shape, a.vocab, a.layers, "fp16" if self.cuda else "fp32", a.device)
+            self._free()
+            self.model = load_model(folder, precision=self.precision, device=a.device).model
         return self.model
+
+    def _free(self):
+        C.settle()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def phase(self, spec: dict) -> dict:
         from edgezo.runtime.memory import PeakMemory
 
         model = self.model
         vocab = model.get_output_embeddings().out_features
-        C.settle()
-        torch.cuda.empty_cache()
+        self._free()
         t0 = time.perf_counter()
-        with PeakMemory("cuda") as pm:
+        with PeakMemory(self.args.device) as pm:
             out = _work(spec, model, vocab)
         out.update(peak=pm.peak_bytes, start=pm.baseline_bytes, load_peak=0, seconds=time.perf_counter() - t0,
                    load_seconds=0.0, weight_bytes=C.weight_bytes(model),
@@ -169,9 +180,9 @@ class _CudaRunner:
 # ---------------------------------------------------------------- driver
 
 
-def _phases(args, precision: str) -> list[dict]:
-    base = dict(precision=precision, batch=args.batch, seq=args.seq, device=args.device, threads=args.threads,
-                pin=not args.no_pin)
+def _phases(args, precision: str, batch: int) -> list[dict]:
+    base = dict(precision=precision, batch=batch, seq=args.seq, device=args.device, threads=args.threads,
+                pin=not args.no_pin, logit_elements=args.logit_elements)
     out = [dict(base, kind="inference", label="inference")]
     if not args.no_nocache:
         out.append(dict(base, kind="inference", nocache=True, label="inference (no cache)"))
@@ -189,62 +200,68 @@ def _run_cpu(args, source: str, log) -> tuple[dict, list]:
     common = dict(source=source, device="cpu", threads=args.threads, pin=not args.no_pin)
     runtime = peak_rss_of_child(_phase, dict(common, kind="runtime", label="runtime"))[0]
     log(f"runtime (imports, tokenizer, meta skeleton): {runtime['peak'] / C.MB:.0f} MB")
-    for precision in args.precisions:
-        for spec in _phases(args, precision):
-            spec["source"] = source
-            r = peak_rss_of_child(_phase, spec)[0]
-            rows.append((spec, r))
-            log(f"  {precision:<12}{spec['label']:<28}{r['peak'] / C.MB:>9.0f} MB  ({r['seconds']:.0f} s)")
-    if args.streaming:
-        for kind, extra in (("inference", {}), ("tune", dict(optimizer="zo-mopi", fuse=args.fuse))):
-            label = "streamed " + ("inference" if kind == "inference" else "tune zo-mopi")
-            spec = dict(common, kind=kind, label=label, precision="fp32", batch=args.batch, seq=args.seq,
-                        streaming=True, **extra)
-            r = peak_rss_of_child(_phase, spec)[0]
-            rows.append((spec, r))
-            log(f"  {'fp32':<12}{label:<28}{r['peak'] / C.MB:>9.0f} MB  ({r['seconds']:.0f} s)")
+    for batch in args.batches:
+        for precision in args.precisions:
+            for spec in _phases(args, precision, batch):
+                spec["source"] = source
+                r = peak_rss_of_child(_phase, spec)[0]
+                rows.append((spec, r))
+                log(f"  b{batch} {precision:<12}{spec['label']:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
+        if args.streaming:
+            for kind, extra in (("inference", {}), ("tune", dict(optimizer="zo-mopi", fuse=args.fuse))):
+                label = "streamed " + ("inference" if kind == "inference" else "tune zo-mopi")
+                spec = dict(common, kind=kind, label=label, precision="fp32", batch=batch, seq=args.seq,
+                            streaming=True, logit_elements=args.logit_elements, **extra)
+                r = peak_rss_of_child(_phase, spec)[0]
+                rows.append((spec, r))
+                log(f"  b{batch} {'fp32':<12}{label:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
     return runtime, rows
 
 
-def _run_cuda(args, log) -> tuple[dict, list]:
+def _run_inprocess(args, log) -> tuple[dict, list]:
+    if args.logit_elements:
+        import edgezo.data
+
+        edgezo.data._LOGIT_ELEMENTS = args.logit_elements
     rows = []
     for precision in args.precisions:
-        runner = _CudaRunner(args, precision)
+        runner = _InProcessRunner(args, precision)
         runner.load()
-        for spec in _phases(args, precision):
-            r = runner.phase(spec)
-            rows.append((spec, r))
-            log(f"  {precision:<12}{spec['label']:<28}{r['peak'] / C.MB:>9.0f} MB  ({r['seconds']:.1f} s)")
+        for batch in args.batches:
+            for spec in _phases(args, precision, batch):
+                r = runner.phase(spec)
+                rows.append((spec, r))
+                log(f"  b{batch} {precision:<12}{spec['label']:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.1f} s)")
         runner.model = None
-        C.settle()
-        torch.cuda.empty_cache()
+        runner._free()
     return {"peak": 0}, rows
 
 
 def _report(args, title: str, runtime: dict, rows: list) -> dict:
-    inf = {s["precision"]: r["peak"] for s, r in rows if s["kind"] == "inference" and not s.get("nocache")
-           and not s.get("streaming")}
-    inf_nc = {s["precision"]: r["peak"] for s, r in rows if s["kind"] == "inference" and s.get("nocache")}
-    unit = "GPU allocated" if args.device == "cuda" else "RSS"
-    print(f"\n{title}: batch {args.batch}x{args.seq}, {args.device}, peak {unit} in MB "
-          f"(weights+runtime+phase), fuse={_fuse_name(args.fuse)} unless noted")
-    hdr = (f"{'precision':<12}{'phase':<28}{'slices/fwd':>10}{'weights':>9}{'at start':>9}{'peak':>9}"
+    inf = {(s["precision"], s["batch"]): r["peak"] for s, r in rows
+           if s["kind"] == "inference" and not s.get("nocache") and not s.get("streaming")}
+    inf_nc = {(s["precision"], s["batch"]): r["peak"] for s, r in rows if s["kind"] == "inference" and s.get("nocache")}
+    cuda = args.device == "cuda"
+    unit = "GPU allocated (weights + phase)" if cuda else "RSS (runtime + weights + phase)"
+    print(f"\n{title}: seq {args.seq}, {args.device}, peak {unit} in MiB; "
+          f"tune rows fuse={_fuse_name(args.fuse)} unless noted")
+    hdr = (f"{'batch':>5}  {'precision':<12}{'phase':<28}{'slices/fwd':>10}{'weights':>9}{'at start':>9}{'peak':>9}"
            f"{'rise':>8}{'state':>8}{'/ infer':>8}{'/ no-cache':>11}{'sec':>7}")
     print(hdr)
     print("-" * len(hdr))
     out_rows, headline = [], {}
     runtime_peak = runtime["peak"]
     for spec, r in rows:
-        p = spec["precision"]
+        p, b = spec["precision"], spec["batch"]
         streamed = spec.get("streaming", False)
-        ratio = r["peak"] / inf[p] if p in inf and not streamed else None
-        ratio_nc = r["peak"] / inf_nc[p] if p in inf_nc and not streamed else None
+        ratio = r["peak"] / inf[p, b] if (p, b) in inf and not streamed else None
+        ratio_nc = r["peak"] / inf_nc[p, b] if (p, b) in inf_nc and not streamed else None
         spf = r.get("slices_per_forward", 1)
         state = r.get("state_bytes", 0)
-        print(f"{p:<12}{spec['label']:<28}{spf:>10}{r['weight_bytes'] / C.MB:>9.0f}{r['start'] / C.MB:>9.0f}"
+        print(f"{b:>5}  {p:<12}{spec['label']:<28}{spf:>10}{r['weight_bytes'] / C.MB:>9.0f}{r['start'] / C.MB:>9.0f}"
               f"{r['peak'] / C.MB:>9.0f}{(r['peak'] - r['start']) / C.MB:>8.0f}{state / C.MB:>8.0f}"
               f"{_fmt(ratio):>8}{_fmt(ratio_nc):>11}{r['seconds']:>7.0f}")
-        row = dict(precision=p, phase=spec["label"], fuse=spec.get("fuse"), slices_per_forward=spf,
+        row = dict(precision=p, batch=b, phase=spec["label"], fuse=spec.get("fuse"), slices_per_forward=spf,
                    peak_bytes=r["peak"], start_bytes=r["start"], load_peak_bytes=r["load_peak"],
                    weight_bytes=r["weight_bytes"], state_bytes=state, seconds=round(r["seconds"], 2),
                    ratio_vs_inference=_round(ratio), ratio_vs_nocache=_round(ratio_nc))
@@ -253,26 +270,28 @@ def _report(args, title: str, runtime: dict, rows: list) -> dict:
             row["stream_peak_over_weights"] = round(r["peak"] / r["weight_bytes"], 4)
         out_rows.append(row)
     print()
-    for p in args.precisions:
-        mopi = next((r for r in out_rows if r["precision"] == p and r["phase"] == "tune zo-mopi"), None)
+    for b, p in [(b, p) for b in args.batches for p in args.precisions]:
+        key = p if len(args.batches) == 1 else f"{p}@b{b}"
+        mine = [r for r in out_rows if r["precision"] == p and r["batch"] == b]
+        mopi = next((r for r in mine if r["phase"] == "tune zo-mopi"), None)
         if mopi and mopi["ratio_vs_inference"] is not None:
             met = mopi["ratio_vs_inference"] <= TARGET
-            headline[p] = dict(inference_peak_bytes=inf.get(p), inference_nocache_peak_bytes=inf_nc.get(p),
+            headline[key] = dict(inference_peak_bytes=inf.get((p, b)), inference_nocache_peak_bytes=inf_nc.get((p, b)),
                                zo_mopi_peak_bytes=mopi["peak_bytes"], zo_mopi_ratio=mopi["ratio_vs_inference"],
                                zo_mopi_ratio_nocache=mopi["ratio_vs_nocache"], zo_mopi_state_bytes=mopi["state_bytes"],
                                target_met=met if p in DENSE else None)
             tag = ("MET" if met else "MISSED") if p in DENSE else "(not a dense base)"
-            print(f"target {p}: zo-mopi peak / inference peak = {mopi['ratio_vs_inference']:.3f} "
+            print(f"target {p} b{b}: zo-mopi peak / inference peak = {mopi['ratio_vs_inference']:.3f} "
                   f"(<= {TARGET}: {tag}); vs no-cache forward {_fmt(mopi['ratio_vs_nocache'])}; "
                   f"state {mopi['state_bytes'] / C.MB:.0f} MB")
-        for r in out_rows:
-            if r["precision"] == p and r["phase"].startswith("tune") and r["phase"] != "tune zo-mopi":
-                headline.setdefault(p, {})[r["phase"].removeprefix("tune ") + "_ratio"] = r["ratio_vs_inference"]
+        for r in mine:
+            if r["phase"].startswith("tune") and r["phase"] != "tune zo-mopi":
+                headline.setdefault(key, {})[r["phase"].removeprefix("tune ") + "_ratio"] = r["ratio_vs_inference"]
     streamed = [r for r in out_rows if "stream_ratio" in r]
     for r in streamed:
-        print(f"{r['phase']}: (peak - runtime {runtime_peak / C.MB:.0f} MB) / fp32 weights = {r['stream_ratio']:.3f}; "
+        print(f"b{r['batch']} {r['phase']}: (peak - runtime {runtime_peak / C.MB:.0f} MB) / fp32 weights = {r['stream_ratio']:.3f}; "
               f"peak / weights = {r['stream_peak_over_weights']:.3f}")
-        headline.setdefault("streaming", {})[r["phase"]] = dict(peak_bytes=r["peak_bytes"], ratio=r["stream_ratio"],
+        headline.setdefault("streaming", {})[f"{r['phase']} b{r['batch']}"] = dict(peak_bytes=r["peak_bytes"], ratio=r["stream_ratio"],
                                                                  peak_over_weights=r["stream_peak_over_weights"])
     return dict(headline=headline, rows=out_rows, runtime_bytes=runtime_peak)
 
@@ -300,7 +319,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", "--dtype", dest="precision_list", action="append",
                     help="precision(s) to measure (repeat or comma-separate); default cpu: fp32,bf16,quanto-int8; "
                          "cuda: fp16")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="8", help="batch size(s), comma-separated")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--optimizers", default="zo-mopi,zo-muon,lozo,mezo")
     ap.add_argument("--fuse", default="1", help="slices per forward for the tune rows: an integer or 'all'")
@@ -310,40 +329,51 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-streaming", dest="streaming", action="store_false")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per phase (CPU)")
     ap.add_argument("--no-pin", action="store_true", help="leave glibc's mmap threshold dynamic")
+    ap.add_argument("--inprocess", action="store_true", help="CPU: all phases in this process, peaks sampled by "
+                    "PeakMemory (quick, less exact; CUDA always runs this way)")
+    ap.add_argument("--logit-elements", type=int, help="diagnostic: override edgezo.data._LOGIT_ELEMENTS (fp32 "
+                    "logits per LM-head call of the tune loss; default 2**25)")
     args = ap.parse_args(argv)
     args.vocab = args.vocab or C.VOCAB.get(args.shape)
     args.optimizers = [o for o in args.optimizers.split(",") if o]
+    args.batches = [int(b) for b in args.batch.split(",")]
     args.fuse = None if args.fuse == "all" else int(args.fuse)
     if args.precision_list:
         args.precisions = [p for item in args.precision_list for p in item.split(",") if p]
     else:
         args.precisions = ["fp32", "bf16", "quanto-int8"] if args.device == "cpu" else ["fp16"]
-    if args.device == "cuda":
+    if args.device == "cuda" or args.inprocess:
         args.streaming = False
     C.set_threads(args.threads)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
+    probe_ok = C.probe_draw_matches(args.device)
+    if not probe_ok:
+        log("WARNING: DeltaTarget.probe(out=...) differs from gaussian() on this device: estimates are wrong")
     results = {}
     t0 = time.perf_counter()
     sources = {"synthetic": ["synthetic"], "smollm2": ["smollm2"], "both": ["synthetic", "smollm2"]}[args.model]
+    if args.device == "cuda" or args.inprocess:
+        sources = ["synthetic"]  # the real SmolLM2 rows are a CPU (per-process RSS) measurement
     for source in sources:
-        if args.device == "cuda":
-            runtime, rows = _run_cuda(args, log)
-            title = f"{args.shape} (random init, vocab {args.vocab}{f', {args.layers} layers' if args.layers else ''})"
-        elif source == "synthetic":
-            folder = C.synthetic_folder(args.shape, args.vocab, args.layers)
-            log(f"model folder: {folder}")
-            runtime, rows = _run_cpu(args, str(folder), log)
-            params = rows[0][1]["params"]
+        if source == "synthetic":
+            if args.device == "cuda" or args.inprocess:
+                runtime, rows = _run_inprocess(args, log)
+            else:
+                folder = C.synthetic_folder(args.shape, args.vocab, args.layers)
+                log(f"model folder: {folder}")
+                runtime, rows = _run_cpu(args, str(folder), log)
+            params = C.param_count(args.shape, args.vocab, args.layers)
             title = (f"{args.shape} (random init, {params / 1e6:.0f}M params, vocab {args.vocab}"
                      f"{f', {args.layers} layers' if args.layers else ''})")
         else:
             runtime, rows = _run_cpu(args, "smollm2", log)
             title = f"SmolLM2-135M-Instruct (demo GGUF, {rows[0][1]['params'] / 1e6:.0f}M params)"
         results[source] = _report(args, title, runtime, rows)
-    final = dict(bench="memory", device=args.device, batch=args.batch, seq=args.seq, fuse=args.fuse,
+    final = dict(bench="memory", device=args.device, batch=args.batches, seq=args.seq, fuse=args.fuse,
+                 logit_elements=args.logit_elements, probe_draw_ok=probe_ok,
                  fuse_note="tune rows use this many slices per forward (null = all slices in one forward)",
                  threads=args.threads, pinned_heap=not args.no_pin, seconds=round(time.perf_counter() - t0, 1),
                  target=f"dense zo-mopi tune peak <= {TARGET} x inference peak",

@@ -28,6 +28,9 @@ DEFAULT_TARGETS = r"(^|\.)(layers|h|blocks)\.\d+\."
 
 ProbeSide = Literal["right", "left", "full"]
 
+# Probes of one target drawn into one block per batched matmul, at most (fp32 elements: 32 MiB).
+PROBE_BLOCK_ELEMENTS = 1 << 23
+
 
 @dataclass
 class DeltaTarget:
@@ -53,9 +56,16 @@ class DeltaTarget:
             return (self.out_features, self.right.shape[0])
         return (self.out_features, self.in_features)
 
-    def probe(self, probe_seed: int, device: torch.device) -> torch.Tensor:
-        """Probe coordinates of this target for the probe whose step-level seed is `probe_seed`."""
-        return gaussian(self.probe_shape(), derive_seed(probe_seed, self.index, PROBE), device)
+    def probe(self, probe_seed: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Probe coordinates of this target for the probe whose step-level seed is `probe_seed`.
+
+        With `out` (fp32, probe_shape(), contiguous) the same values are drawn into it in place.
+        """
+        seed = derive_seed(probe_seed, self.index, PROBE)
+        if out is None:
+            return gaussian(self.probe_shape(), seed, device)
+        gen = torch.Generator(device=device).manual_seed(seed)  # exactly gaussian()'s draw
+        return torch.randn(self.probe_shape(), generator=gen, device=device, dtype=torch.float32, out=out)
 
     def probe_direction(self, coords: torch.Tensor) -> torch.Tensor:
         """The m×n weight-space direction of probe (or update) coordinates."""
@@ -118,17 +128,17 @@ class DeltaTarget:
         if self.side == "right":
             h = x @ self.right.to(dtype).T
             if probing is not None:
-                h = probing.add_probes(self, x, h, lambda xs, u: xs @ u.to(dtype).T)
+                h = probing.add_probes(self, x, h)
             return out + h @ self.left.to(dtype).T
         if self.side == "left":
             h = x @ self.right.to(dtype).T
             y = h @ self.left.to(dtype).T
             if probing is not None:
-                y = probing.add_probes(self, h, y, lambda hs, u: hs @ u.to(dtype).T)
+                y = probing.add_probes(self, h, y)
             return out + y
         y = x @ self.dense.to(dtype).T
         if probing is not None:
-            y = probing.add_probes(self, x, y, lambda xs, z: xs @ z.to(dtype).T)
+            y = probing.add_probes(self, x, y)
         return out + y
 
 
@@ -140,16 +150,46 @@ class Probing:
     scales: list[float]
     _cache: dict = field(default_factory=dict)
 
-    def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor, apply) -> torch.Tensor:
-        """acc[slice s] += scale_s · apply(x[slice s], probe_s) for every perturbed slice."""
+    def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """acc[slice s] += scale_s · x[slice s] @ probe_sᵀ for every perturbed slice.
+
+        Slices with the same scale go together: their probes are drawn straight into one fp32 block
+        (at most PROBE_BLOCK_ELEMENTS elements, so MeZO's dense probes still come one at a time) and
+        added by one in-place batched matmul, acc[sel] += scale · x[sel] @ blockᵀ, rather than a
+        matmul, a scale and an add per slice.
+        """
         n = len(self.scales)
         xs = x.reshape(n, -1, x.shape[-1])
         acc = acc.reshape(n, -1, acc.shape[-1])  # a fresh matmul result: safe to add into
+        groups: dict[float, list[int]] = {}
         for s, (seed, scale) in enumerate(zip(self.seeds, self.scales)):
-            if seed is None or scale == 0.0:
-                continue
-            acc[s] += scale * apply(xs[s], target.probe(seed, x.device))
+            if seed is not None and scale != 0.0:
+                groups.setdefault(scale, []).append(s)
+        shape = target.probe_shape()
+        most = max(1, PROBE_BLOCK_ELEMENTS // (shape[0] * shape[1]))
+        for scale, slices in groups.items():
+            size = -(-len(slices) // -(-len(slices) // most))  # even blocks of at most `most` probes
+            for start in range(0, len(slices), size):
+                part = slices[start : start + size]
+                block = torch.empty((len(part), *shape), device=x.device, dtype=torch.float32)
+                for j, s in enumerate(part):
+                    target.probe(self.seeds[s], x.device, out=block[j])
+                u = block.to(x.dtype).mT
+                sel = _progression(part)
+                if sel is not None:  # a view of the stacked rows: added in place
+                    acc[sel].baddbmm_(xs[sel], u, alpha=scale)
+                else:
+                    idx = torch.tensor(part, device=x.device)
+                    acc.index_add_(0, idx, torch.bmm(xs[idx], u), alpha=scale)
         return acc.reshape(*x.shape[:-1], acc.shape[-1])
+
+
+def _progression(idx: list[int]) -> slice | None:
+    """The slice that selects exactly the increasing indices `idx`, if they are evenly spaced."""
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
+        return slice(idx[0], idx[-1] + 1, step)
+    return None
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -217,7 +217,7 @@ def test_demo_prints_answers_before_and_after(monkeypatch, tmp_path):
     def fake_demo(out, callback=None, resume=False):
         callback({"step": 1, "loss": 2.0, "forwards": 8, "peak_mem_bytes": 1 << 20, "elapsed_s": 1.0})
         return {"prompt": "What is my dog's name?", "before": "I don't know.", "after": "Biscuit.",
-                "eval_first": 3.0, "eval_last": 1.5}
+                "eval_before": 3.0, "eval_after": 1.5}
 
     monkeypatch.setattr(edgezo.demo, "run_demo", fake_demo)
     out = ok("tune", "--out", tmp_path / "demo").stdout
