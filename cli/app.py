@@ -7,6 +7,7 @@ Heavy imports (torch, transformers) happen inside the commands so that `edgezo -
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -88,6 +89,8 @@ def tune(
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
     checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
+    distributed: Optional[str] = typer.Option(
+        None, help="data | probe | federated: how ranks split the work under torchrun (default under torchrun: data)"),
 ) -> None:
     """Fine-tune MODEL on DATA; writes a PEFT adapter, metrics.jsonl and curves.png into --out."""
     flags = {k: v for k, v in dict(
@@ -107,19 +110,43 @@ def tune(
 
     _quiet()
     cfg, precision, device = _tune_config(model, profile, flags)
+    device = _join_ranks(cfg, distributed, device or "cpu")
     try:
         with TuneProgress(cfg.steps, cfg.max_time) as bar:
             result = run_tune(model, data, out, cfg, resume=resume, precision=precision, device=device, callback=bar)
     except KeyboardInterrupt:  # outside the training loop (which handles SIGINT itself)
         _interrupted()
+    finally:
+        _leave_ranks()
     if bar.stopped_by:
         _interrupted()
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports for all replicas
     stdout.print(f"{result.steps} steps, {result.forwards} forward passes, final loss {result.final_loss:.4f}")
     if result.eval:
         stdout.print("held-out " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.eval.items()))
     if result.interrupted:
         stdout.print("stopped at --max-time; --resume with a larger --max-time or --steps continues it")
     stdout.print(f"adapter: {result.out_dir} (PEFT LoRA; curves.png, metrics.jsonl beside it)")
+
+
+def _join_ranks(cfg, mode: str | None, device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; returns this rank's device."""
+    from edgezo import distributed as zd
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        zd.init_from_env(device=device)
+        cfg.distributed = mode or "data"  # ranks never train independently into one --out
+        return zd.rank_device(device)
+    cfg.distributed = mode  # set without torchrun: tune says how to launch it
+    return device
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _resolve(profile: str, model, flags: dict | None = None):
