@@ -15,7 +15,8 @@ Target = zs + 0.9*(fo - zs), fo = the FO reference's median final test accuracy.
 
 Every run is an independent job on a pool of --workers processes, each holding the model: on a GPU a run of
 this small model is bound by kernel launches (thousands of small ops per forward), so a few processes share the
-card. Jobs that would start after --max-minutes are skipped, so the tables still come out inside a time limit.
+card. Training jobs that would end after --max-minutes (their pace is known from the sweep) are skipped, so
+the tables still come out inside a time limit.
 Prints progress and tables; the LAST line is one JSON object with the headline figures. All results go to
 --out's .json (rewritten after every job), the plot to --out.
 """
@@ -65,8 +66,8 @@ FO_FORWARDS_PER_STEP, FO_LR, FO_RANK = 3, 3e-4, 8
 MAX_BAD_STEPS = 3  # non-finite losses in a row = diverged (tune stops there too)
 FULL = dict(methods=",".join(METHODS), seeds=3, forwards=2000, eval_every=100, eval_examples=500, max_length=128,
             batch_size=16, sweep_forwards=600)
-# A smoke test, not a measurement: every stage runs once or twice on a few rows (~450 row-forwards in all).
-QUICK = dict(methods="zo-mopi,zo-muon", seeds=1, forwards=18, eval_every=9, eval_examples=12, max_length=64,
+# A smoke test, not a measurement: every stage runs a few steps on a few rows (~700 row-forwards in all).
+QUICK = dict(methods="zo-mopi,zo-muon", seeds=1, forwards=36, eval_every=18, eval_examples=16, max_length=64,
              batch_size=2, sweep_forwards=0)
 
 
@@ -100,8 +101,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None, help="tokens per row (128)")
     p.add_argument("--template", default=TEMPLATE)
     p.add_argument("--workers", type=int, default=None, help="processes sharing the device (cuda 4, cpu 1)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
-    p.add_argument("--max-minutes", type=float, default=8.0, help="start no job after this many minutes")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (1: on a shared box, OpenMP spin-waits stall small ops)")
+    p.add_argument("--max-minutes", type=float, default=8.0,
+                   help="skip training jobs that would end later than this (their pace is known from the sweep)")
     p.add_argument("--out", default="docs/convergence.png")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny budget, 2 methods, 1 seed, no sweep")
     args = p.parse_args()
@@ -129,14 +132,18 @@ def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
                              label_words=LABEL_WORDS, template=args.template, eval_path=split / f"{eval_split}.jsonl")
         return dataclasses.replace(t, eval=t.eval[:n])  # the splits are shuffled and balanced: a prefix is fair
 
-    test, val = task("test", args.eval_examples), task("validation", args.sweep_examples)
+    test = task("test", args.eval_examples)
+    val = task("validation", args.sweep_examples) if args.sweep_forwards else test
     eval_bs = 64 if loaded.device.type == "cuda" else 16
     _BENCH = Bench(loaded.model, loaded.device, test, val, D.make_loss(test), args.batch_size, eval_bs)
 
 
-def work(job: tuple, t0: float, deadline: float) -> dict:
-    """("zs",) | ("fo", seed, budget, every) | ("zo", method, lr, seed, budget, every, split) | ("mem", lrs, unfused)."""
-    if job[0] in ("fo", "zo") and time.time() > deadline:
+def work(job: tuple, t0: float, deadline: float, expected: float) -> dict:
+    """("zs",) | ("fo", seed, budget, every) | ("zo", method, lr, seed, budget, every, split) | ("mem", lrs, unfused).
+
+    A training job that would not end by the deadline (by `expected` seconds, when known) is skipped.
+    """
+    if job[0] in ("fo", "zo") and time.time() + expected > deadline:
         return report(job, {"skipped": True}, t0)
     b, start = _BENCH, time.time()
     if job[0] == "zs":
@@ -257,32 +264,12 @@ def measure_memory(b: Bench, lrs: dict[str, float], unfused: bool) -> dict[str, 
 # ---------------------------------------------------------------- scheduling
 
 
-class Inline:
-    """The executor for --workers 1: runs the jobs in this process, in submission order, one per wait."""
-
-    def __init__(self):
-        self.thunks: dict[Future, tuple] = {}
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        self.thunks[fut] = (fn, args)
-        return fut
-
-    def wait(self, pending: dict[Future, tuple]) -> Future:
-        fut = next(iter(pending))  # dicts keep insertion order: FIFO
-        fn, args = self.thunks.pop(fut)
-        fut.set_result(fn(*args))
-        return fut
-
-    def shutdown(self) -> None:
-        pass
-
-
 class Sweep:
     """One method's lr sweep: its grid, scores, extensions past an edge (twice at most), then the pick."""
 
     def __init__(self, method: str, enabled: bool):
         self.method, self.enabled, self.lrs, self.scores = method, enabled, list(LR_GRID[method]), {}
+        self.seconds: list[float] = []  # per sweep run: predicts the main runs' time
 
     def todo(self) -> list[float]:
         return [lr for lr in self.lrs if lr not in self.scores] if self.enabled else []
@@ -290,6 +277,7 @@ class Sweep:
     def add(self, lr: float, r: dict) -> None:
         acc, loss = r["acc"][-1], r["loss"][-1]
         self.scores[lr] = (-1.0, math.inf) if math.isnan(acc) else (acc, loss)
+        self.seconds.append(r["seconds"])
 
     def best(self) -> float:  # by final validation accuracy; ties: lower validation loss
         if not self.enabled:
@@ -314,25 +302,24 @@ def nice(x: float) -> float:
 def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, save, t0: float) -> None:
     """Run zero-shot, FO seeds, sweeps, the seeds at each picked lr and the memory phases; fill `res`."""
     deadline, F, E, S = t0 + 60 * args.max_minutes, args.forwards, args.eval_every, args.sweep_forwards
-    if args.workers == 1:
-        init_worker(args, folder, data_dir)
-        pool = Inline()
-    else:
-        pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=init_worker, initargs=(args, folder, data_dir))
+    # Worker processes even for --workers 1: the parent holds no model, and memory is measured in a process
+    # that only ever ran these jobs.
+    pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=init_worker, initargs=(args, folder, data_dir))
     pending: dict[Future, tuple] = {}
     sweeps = {m: Sweep(m, S > 0) for m in args.methods}
     chosen: dict[str, float | None] = {}
     memory_sent = False
 
-    def submit(*job) -> None:
-        pending[pool.submit(work, job, t0, deadline)] = job
+    def submit(*job, expected: float = 0.0) -> None:
+        pending[pool.submit(work, job, t0, deadline, expected)] = job
 
     def pick(m: str) -> None:  # the sweep is over: the seeds at its lr
         chosen[m] = lr = sweeps[m].best()
         res["runs"][m] = {"lr": lr, "curves": {}, "seconds": {}}
-        for s in range(args.seeds):
-            submit("zo", m, lr, s, F, E, "test")
+        sec = sweeps[m].seconds
+        for s in range(args.seeds):  # expected: the sweep runs' pace, plus a margin for the extra evaluations
+            submit("zo", m, lr, s, F, E, "test", expected=1.2 * F / S * statistics.mean(sec) if sec else 0.0)
 
     submit("zs")
     submit("fo", 0, F, E)
@@ -344,7 +331,7 @@ def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, sa
     for m in [m for m, sw in sweeps.items() if not sw.enabled]:
         pick(m)
     while pending:
-        fut = pool.wait(pending) if isinstance(pool, Inline) else next(as_completed(pending))
+        fut = next(as_completed(pending))
         job, r = pending.pop(fut), fut.result()
         if r.get("skipped"):
             if job[0] == "zo" and job[-1] == "val":
@@ -423,10 +410,11 @@ def plot(path: Path, points: list[int], curves: dict[str, list[list[float]]], zs
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = [0, *points]  # every method starts from the zero-shot model
     for name, cs in curves.items():
-        arr = torch.tensor(cs, dtype=torch.float64) * 100
-        line, = ax.plot(points, median_curve(arr.tolist()), label=name, ls="--" if "first" in name else "-")
-        ax.fill_between(points, arr.min(0).values, arr.max(0).values, color=line.get_color(), alpha=0.15)
+        arr = torch.tensor([[zs, *c] for c in cs], dtype=torch.float64) * 100
+        line, = ax.plot(xs, median_curve(arr.tolist()), label=name, ls="--" if "first" in name else "-")
+        ax.fill_between(xs, arr.min(0).values, arr.max(0).values, color=line.get_color(), alpha=0.15)
     ax.axhline(100 * zs, color="grey", ls=":", label="zero-shot")
     ax.axhline(100 * target, color="black", lw=0.8, label="target: 90% of the FO gain")
     ax.set(xlabel="forward passes (first-order: 3 per step)", ylabel="test accuracy %",

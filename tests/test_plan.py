@@ -93,7 +93,7 @@ def run_steps(source: dict, settings: dict, steps: int) -> str:
     return model.config.to_json_string()
 
 
-def measure(case, workdir: Path):
+def measure(case, workdir: Path, runtime_bytes: int | None = None):
     """(plan, measured peak bytes) of one calibration case."""
     _, source, settings, steps = case
     if "save" in source:
@@ -102,14 +102,25 @@ def measure(case, workdir: Path):
             save_model_dir(folder, **source["save"])
         source = {"folder": str(folder)}
     config_json, peak = peak_rss_of_child(run_steps, source, dataclasses.asdict(settings), steps)
-    return plan(LlamaConfig.from_dict(json.loads(config_json)), settings), peak
+    return plan(LlamaConfig.from_dict(json.loads(config_json)), settings, runtime_bytes=runtime_bytes), peak
+
+
+@pytest.fixture(scope="module")
+def runtime_bytes(tmp_path_factory) -> int:
+    """This machine's runtime floor (python + torch + transformers), from the tiny case, which is ~all runtime.
+
+    It is a property of the machine and install, not of the model: the same packages measured 363 MiB in the
+    development checkout and ~450 MiB in a fresh clone's editable install. The plan is judged on the rest.
+    """
+    predicted, measured = measure(CASES[0], tmp_path_factory.mktemp("runtime"))
+    return measured - (predicted.peak_bytes - predicted.items["runtime"])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
-@pytest.mark.parametrize("index", FAST, ids=[CASES[i][0] for i in FAST])
-def test_plan_predicts_measured_peak(index, tmp_path):
-    predicted, measured = measure(CASES[index], tmp_path)
+@pytest.mark.parametrize("index", FAST[1:], ids=[CASES[i][0] for i in FAST[1:]])
+def test_plan_predicts_measured_peak(index, tmp_path, runtime_bytes):
+    predicted, measured = measure(CASES[index], tmp_path, runtime_bytes)
     predicted = predicted.peak_bytes
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted / 2**20, measured / 2**20)
 
