@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
@@ -148,7 +148,6 @@ class Probing:
 
     seeds: list[int | None]
     scales: list[float]
-    _cache: dict = field(default_factory=dict)
 
     def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """acc[slice s] += scale_s · x[slice s] @ probe_sᵀ for every perturbed slice.
