@@ -213,6 +213,32 @@ def lm_batch(vocab: int, batch: int, seq: int, seed: int = 0, device="cpu"):
     return ids.to(device), tune, make_loss(data)
 
 
+def minimal_lm_loss(logit_elements: int = 1 << 23):
+    """A minimal equivalent of edgezo.data.make_loss for `lm` rows (every token after the first scored).
+
+    The same computation (decoder on every position, LM head on chunks of positions, mean token
+    cross-entropy per row, mean per slice) with two memory fixes: chunks of at most `logit_elements` fp32
+    logits (data.py: 2**25), and each chunk made contiguous before the head. A strided 3-D input (what
+    `h.split(chunk, 1)` gives once there are two chunks or more) makes CPU bf16 matmul broadcast the
+    head's weight over the rows: rows x vocab x hidden bytes (445 MiB for SmolLM2 at 8 rows).
+    """
+
+    def loss(model, batch, num_slices):
+        ids = batch["input_ids"]
+        out = model.get_decoder()(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False)
+        hidden, target = out.last_hidden_state[:, :-1], ids[:, 1:]
+        head = model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or model.config.vocab_size
+        chunk = max(1, logit_elements // (ids.shape[0] * vocab))
+        total = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
+        for hc, tc in zip(hidden.split(chunk, 1), target.split(chunk, 1)):
+            logits = head(hc.contiguous()).float()
+            total += (logits.gather(-1, tc[..., None]).squeeze(-1) - logits.logsumexp(-1)).sum(1)
+        return (-total / target.shape[1]).view(num_slices, -1).mean(1)
+
+    return loss
+
+
 def make_opt(model: torch.nn.Module, name: str, fuse: int | None, **extra):
     from edgezo.delta import DeltaModel
     from edgezo.optim import make_optimizer

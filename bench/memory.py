@@ -64,6 +64,8 @@ def _load(spec: dict):
 def _work(spec: dict, model, vocab: int) -> dict:
     """Run the phase's work on a loaded model; returns figures other than the peak."""
     ids, batch, loss = C.lm_batch(vocab, spec["batch"], spec["seq"], device=spec["device"])
+    if spec.get("loss") == "minimal":
+        loss = C.minimal_lm_loss(spec.get("logit_elements") or 1 << 23)
     out = {}
     if spec["kind"] == "inference":
         with torch.inference_mode():
@@ -182,7 +184,7 @@ class _InProcessRunner:
 
 def _phases(args, precision: str, batch: int) -> list[dict]:
     base = dict(precision=precision, batch=batch, seq=args.seq, device=args.device, threads=args.threads,
-                pin=not args.no_pin, logit_elements=args.logit_elements)
+                pin=not args.no_pin, logit_elements=args.logit_elements, loss=args.loss)
     out = [dict(base, kind="inference", label="inference")]
     if not args.no_nocache:
         out.append(dict(base, kind="inference", nocache=True, label="inference (no cache)"))
@@ -211,7 +213,7 @@ def _run_cpu(args, source: str, log) -> tuple[dict, list]:
             for kind, extra in (("inference", {}), ("tune", dict(optimizer="zo-mopi", fuse=args.fuse))):
                 label = "streamed " + ("inference" if kind == "inference" else "tune zo-mopi")
                 spec = dict(common, kind=kind, label=label, precision="fp32", batch=batch, seq=args.seq,
-                            streaming=True, logit_elements=args.logit_elements, **extra)
+                            streaming=True, logit_elements=args.logit_elements, loss=args.loss, **extra)
                 r = peak_rss_of_child(_phase, spec)[0]
                 rows.append((spec, r))
                 log(f"  b{batch} {'fp32':<12}{label:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
@@ -331,8 +333,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-pin", action="store_true", help="leave glibc's mmap threshold dynamic")
     ap.add_argument("--inprocess", action="store_true", help="CPU: all phases in this process, peaks sampled by "
                     "PeakMemory (quick, less exact; CUDA always runs this way)")
-    ap.add_argument("--logit-elements", type=int, help="diagnostic: override edgezo.data._LOGIT_ELEMENTS (fp32 "
-                    "logits per LM-head call of the tune loss; default 2**25)")
+    ap.add_argument("--loss", choices=("edgezo", "minimal"), default="edgezo",
+                    help="tune loss: edgezo.data.make_loss (default), or bench.common.minimal_lm_loss, the same "
+                         "computation with contiguous LM-head chunks of --logit-elements (default 2**23)")
+    ap.add_argument("--logit-elements", type=int, help="fp32 logits per LM-head call of the tune loss (edgezo: "
+                    "overrides edgezo.data._LOGIT_ELEMENTS, 2**25)")
     args = ap.parse_args(argv)
     args.vocab = args.vocab or C.VOCAB.get(args.shape)
     args.optimizers = [o for o in args.optimizers.split(",") if o]
@@ -373,7 +378,7 @@ def main(argv=None) -> dict:
             title = f"SmolLM2-135M-Instruct (demo GGUF, {rows[0][1]['params'] / 1e6:.0f}M params)"
         results[source] = _report(args, title, runtime, rows)
     final = dict(bench="memory", device=args.device, batch=args.batches, seq=args.seq, fuse=args.fuse,
-                 logit_elements=args.logit_elements, probe_draw_ok=probe_ok,
+                 loss=args.loss, logit_elements=args.logit_elements, probe_draw_ok=probe_ok,
                  fuse_note="tune rows use this many slices per forward (null = all slices in one forward)",
                  threads=args.threads, pinned_heap=not args.no_pin, seconds=round(time.perf_counter() - t0, 1),
                  target=f"dense zo-mopi tune peak <= {TARGET} x inference peak",

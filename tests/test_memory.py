@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import torch
@@ -10,6 +11,15 @@ from edgezo.runtime.memory import PeakMemory, current_rss_bytes, peak_rss_of_chi
 
 MB = 1_000_000
 N_FLOATS = 50_000_000  # 200 MB of float32
+
+
+def fresh_pages(nbytes: int = 4 * N_FLOATS) -> mmap.mmap:
+    """nbytes of newly mapped, touched memory: RSS must rise by all of it (a malloc'd tensor may reuse
+    pages an earlier test freed but the heap kept resident)."""
+    buf = mmap.mmap(-1, nbytes)
+    for offset in range(0, nbytes, mmap.PAGESIZE):
+        buf[offset] = 1
+    return buf
 
 
 def _allocate_and_sum(n: int) -> float:
@@ -23,7 +33,7 @@ def test_current_rss_is_positive():
 
 def test_peak_memory_sees_allocation_alive_at_exit():
     with PeakMemory("cpu") as pm:
-        x = torch.ones(N_FLOATS)
+        x = fresh_pages()
     assert pm.peak_bytes - pm.baseline_bytes >= 190 * MB
     assert pm.delta_bytes == pm.peak_bytes - pm.baseline_bytes
     del x
@@ -31,7 +41,7 @@ def test_peak_memory_sees_allocation_alive_at_exit():
 
 def test_peak_memory_sampler_sees_freed_allocation():
     with PeakMemory("cpu") as pm:
-        x = torch.ones(N_FLOATS)
+        x = fresh_pages()
         seen = pm.samples
         while pm.samples < seen + 2:  # wait on the sampler's progress, not on a clock
             time.sleep(0.001)
