@@ -189,17 +189,6 @@ def state_bytes(opt) -> int:
     return total
 
 
-def probe_draw_matches(device) -> bool:
-    """The delta path draws a slice's probe into a block (DeltaTarget.probe(out=...)); the update redraws it
-    with zo.probes.gaussian. Both must give the same numbers on this device, or the estimate is wrong."""
-    from edgezo.delta import DeltaTarget
-
-    t = DeltaTarget(5, "check", None, 96, 80, torch.device(device), side="full")
-    block = torch.empty(3, 96, 80, device=device)
-    t.probe(1234, torch.device(device), out=block[1])
-    return bool(torch.equal(block[1], t.probe(1234, torch.device(device))))
-
-
 # ---------------------------------------------------------------- data and loss
 
 

@@ -56,16 +56,27 @@ class DeltaTarget:
             return (self.out_features, self.right.shape[0])
         return (self.out_features, self.in_features)
 
-    def probe(self, probe_seed: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Probe coordinates of this target for the probe whose step-level seed is `probe_seed`.
+    def probe_chunks(self, step_seed: int, n_probes: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+        """This target's N probes of a step, as (index of the first, fp32 block (k, *probe_shape())).
 
-        With `out` (fp32, probe_shape(), contiguous) the same values are drawn into it in place.
+        A block holds up to PROBE_BLOCK_ELEMENTS elements (so MeZO's dense probes come one at a time)
+        and is one draw from a generator of its own, keyed by (step seed, target, block, PROBE): one
+        generator set-up and one kernel for all of a step's probes of a small target, and no draw
+        of another target, block or purpose (a basis refresh) can shift its stream.
         """
-        seed = derive_seed(probe_seed, self.index, PROBE)
-        if out is None:
-            return gaussian(self.probe_shape(), seed, device)
-        gen = torch.Generator(device=device).manual_seed(seed)  # exactly gaussian()'s draw
-        return torch.randn(self.probe_shape(), generator=gen, device=device, dtype=torch.float32, out=out)
+        shape = self.probe_shape()
+        per_block = max(1, PROBE_BLOCK_ELEMENTS // (shape[0] * shape[1]))
+        for first in range(0, n_probes, per_block):
+            k = min(per_block, n_probes - first)
+            seed = derive_seed(step_seed, self.index, first // per_block, PROBE)
+            yield first, gaussian((k, *shape), seed, device)
+
+    def probe(self, step_seed: int, n_probes: int, i: int, device: torch.device) -> torch.Tensor:
+        """Probe i of the step's N (the same numbers the forward and the update use)."""
+        for first, block in self.probe_chunks(step_seed, n_probes, device):
+            if first <= i < first + len(block):
+                return block[i - first]
+        raise IndexError(f"probe {i} of {n_probes}")
 
     def probe_direction(self, coords: torch.Tensor) -> torch.Tensor:
         """The m×n weight-space direction of probe (or update) coordinates."""
@@ -144,43 +155,42 @@ class DeltaTarget:
 
 @dataclass
 class Probing:
-    """The perturbations of the current forward: slice s carries probe `seeds[s]` scaled by `scales[s]`."""
+    """The perturbations of the current forward: slice s carries scales[s] · probe probes[s] (-1: none)."""
 
-    seeds: list[int | None]
+    step_seed: int
+    n_probes: int
+    probes: list[int]
     scales: list[float]
 
     def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """acc[slice s] += scale_s · x[slice s] @ probe_sᵀ for every perturbed slice.
 
-        Slices with the same scale go together: their probes are drawn straight into one fp32 block
-        (at most PROBE_BLOCK_ELEMENTS elements, so MeZO's dense probes still come one at a time) and
-        added by one in-place batched matmul, acc[sel] += scale · x[sel] @ blockᵀ, rather than a
-        matmul, a scale and an add per slice.
+        The probes come in blocks (DeltaTarget.probe_chunks); the slices of a block that share a
+        scale are added by one in-place batched matmul, acc[sel] += scale · x[sel] @ blockᵀ.
         """
         n = len(self.scales)
         xs = x.reshape(n, -1, x.shape[-1])
         acc = acc.reshape(n, -1, acc.shape[-1])  # a fresh matmul result: safe to add into
-        groups: dict[float, list[int]] = {}
-        for s, (seed, scale) in enumerate(zip(self.seeds, self.scales)):
-            if seed is not None and scale != 0.0:
-                groups.setdefault(scale, []).append(s)
-        shape = target.probe_shape()
-        most = max(1, PROBE_BLOCK_ELEMENTS // (shape[0] * shape[1]))
-        for scale, slices in groups.items():
-            size = -(-len(slices) // -(-len(slices) // most))  # even blocks of at most `most` probes
-            for start in range(0, len(slices), size):
-                part = slices[start : start + size]
-                block = torch.empty((len(part), *shape), device=x.device, dtype=torch.float32)
-                for j, s in enumerate(part):
-                    target.probe(self.seeds[s], x.device, out=block[j])
-                u = block.to(x.dtype).mT
-                sel = _progression(part)
-                if sel is not None:  # a view of the stacked rows: added in place
-                    acc[sel].baddbmm_(xs[sel], u, alpha=scale)
+        for first, block in target.probe_chunks(self.step_seed, self.n_probes, x.device):
+            u = block.to(x.dtype).mT
+            for scale, slices, rows in self._groups(first, len(block)):
+                sel, pick = _progression(slices), _progression(rows)
+                if sel is not None and pick is not None:  # views of the stacked rows: added in place
+                    acc[sel].baddbmm_(xs[sel], u[pick], alpha=scale)
                 else:
-                    idx = torch.tensor(part, device=x.device)
-                    acc.index_add_(0, idx, torch.bmm(xs[idx], u), alpha=scale)
+                    idx = torch.tensor(slices, device=x.device)
+                    acc.index_add_(0, idx, torch.bmm(xs[idx], u[rows]), alpha=scale)
         return acc.reshape(*x.shape[:-1], acc.shape[-1])
+
+    def _groups(self, first: int, count: int) -> list[tuple[float, list[int], list[int]]]:
+        """(scale, slices, rows of the block) for the perturbed slices whose probe is in the block."""
+        groups: dict[float, tuple[list[int], list[int]]] = {}
+        for s, (p, scale) in enumerate(zip(self.probes, self.scales)):
+            if first <= p < first + count and scale != 0.0:
+                slices, rows = groups.setdefault(scale, ([], []))
+                slices.append(s)
+                rows.append(p - first)
+        return [(scale, slices, rows) for scale, (slices, rows) in groups.items()]
 
 
 def _progression(idx: list[int]) -> slice | None:
@@ -230,9 +240,10 @@ class DeltaModel:
         return hook
 
     @contextlib.contextmanager
-    def probe(self, seeds: list[int | None], scales: list[float]) -> Iterator[None]:
-        """Within this context the model's batch is len(seeds) slices, each with its own perturbation."""
-        self.probing = Probing(seeds, scales)
+    def probe(self, step_seed: int, n_probes: int, probes: list[int], scales: list[float]) -> Iterator[None]:
+        """Within this context the model's batch is len(probes) slices, slice s perturbed by
+        scales[s] · probe probes[s] of the step's n_probes (-1: unperturbed)."""
+        self.probing = Probing(step_seed, n_probes, probes, scales)
         try:
             yield
         finally:

@@ -64,7 +64,7 @@ def test_probe_scalars_are_directional_derivatives_on_a_linear_loss(name):
     losses = opt.evaluate(loss, batch, plan, t=0)
     g, _ = estimators.probe_scalars(losses, 4, opt.config.two_sided, opt.config.eps)
     for i in range(4):
-        direction = target.probe_direction(target.probe(opt.probe_seed(0, i), target.device)).double()
+        direction = target.probe_direction(target.probe(opt.step_seed(0), 4, i, target.device)).double()
         assert g[i].item() == pytest.approx(float((a * direction).sum()), rel=1e-4, abs=1e-6)
 
 
@@ -170,10 +170,10 @@ def test_refresh_step_probes_match_update(name):
     before = t.weight_delta().double()
     res = opt.step(loss, batch)  # refresh step
     assert res.refreshed
-    expected = sum(g * t.probe_direction(t.probe(opt.probe_seed(1, i), t.device)).double()
+    expected = sum(g * t.probe_direction(t.probe(opt.step_seed(1), 2, i, t.device)).double()
                    for i, g in enumerate(res.scalars)) / 2
     for i, g in enumerate(res.scalars):
-        d = t.probe_direction(t.probe(opt.probe_seed(1, i), t.device)).double()
+        d = t.probe_direction(t.probe(opt.step_seed(1), 2, i, t.device)).double()
         assert g == pytest.approx(float((a * d).sum()), rel=1e-4, abs=1e-6)
     if name != "zo-mopi":  # zo-mopi orthogonalizes; the others are linear in Ĝ
         scale = 1 / t.left.shape[1] if name == "lozo" else 1.0

@@ -85,8 +85,9 @@ class ZOOptimizer:
     def targets(self) -> list[DeltaTarget]:
         return self.delta.targets
 
-    def probe_seed(self, step: int, probe: int) -> int:
-        return derive_seed(self.state.seed, step, probe)
+    def step_seed(self, step: int) -> int:
+        """The key of all of a step's probes (DeltaTarget.probe_chunks derives each target's draws)."""
+        return derive_seed(self.state.seed, step)
 
     @torch.no_grad()
     def step(self, loss_fn: LossFn, batch: dict) -> StepResult:
@@ -128,19 +129,22 @@ class ZOOptimizer:
         with torch.no_grad():  # not inference_mode: quanto int4 kernels bump version counters
             for start in range(0, len(plan), chunk):
                 part = plan[start : start + chunk]
-                seeds = [None if s.probe < 0 else self.probe_seed(t, s.probe) for s in part]
-                scales = [s.sign * self.config.eps for s in part]
+                probes = [s.probe for s in part]
+                scales = [0.0 if s.probe < 0 else s.sign * self.config.eps for s in part]
                 stacked = {k: v.repeat(len(part), *[1] * (v.dim() - 1)) for k, v in batch.items()}
-                with self.delta.probe(seeds, scales):
+                with self.delta.probe(self.step_seed(t), self.config.n_probes, probes, scales):
                     out.append(loss_fn(self.delta.model, stacked, len(part)).double().cpu())
         return torch.cat(out)
 
     def apply_update(self, g: torch.Tensor, t: int) -> None:
         """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update. Advances the step."""
-        n = len(g)
-        seeds = [self.probe_seed(t, i) for i in range(n)]
+        n, step_seed = len(g), self.step_seed(t)
+        on_device: dict[torch.device, torch.Tensor] = {}
         for target, st in zip(self.targets, self.state.per_target):
-            grad = sum(float(g[i]) * target.probe(seeds[i], target.device) for i in range(n)) / n
+            g_here = on_device.setdefault(target.device, (g.float() / n).to(target.device))
+            grad = torch.zeros(target.probe_shape(), device=target.device)
+            for first, block in target.probe_chunks(step_seed, n, target.device):
+                grad += torch.tensordot(g_here[first : first + len(block)], block, dims=1)
             self.method.update(target, st, grad, self.config.lr)
         self.state.step = t + 1
 
