@@ -121,6 +121,7 @@ try:
 except EdgezoError as err:
     print("error:", err, file=sys.stderr)
     sys.exit(2)
+torch.distributed.destroy_process_group()  # as the CLI does: exiting with gloo's threads alive may abort
 """
 
 
