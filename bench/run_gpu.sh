@@ -12,10 +12,9 @@ case $stage in
   part1) cp .carry1/* /tmp/g/ && python3 -c "import torch, transformers, gguf, datasets; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())" ;;
   part2) cp .carry2/* /tmp/g/ && cat /tmp/g/gguf.part00 /tmp/g/gguf.part01 > $GGUF && sha256sum $GGUF | cut -c1-16
          shift; python3 bench/convergence.py --model $GGUF --device cuda --out $OUT/convergence.png "$@" 2>&1 | tee $OUT/convergence.log ;;
-  bench) python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1,32 --seq 128 2>&1 | tee $OUT/speed_opt67.log
+  bench) python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 | tee $OUT/speed_opt67_b1.log
+         python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/speed_opt67_b32.log
          python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log
-         python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/memory_opt67_b32.log
-         python3 bench/speed.py --device cuda --shape opt-1.3b --precision fp16 --batch 1,32 --seq 128 2>&1 | tee $OUT/speed_opt13.log
-         python3 bench/memory.py --device cuda --shape opt-1.3b --precision fp16 --precision bnb-nf4 --batch 8 --seq 128 2>&1 | tee $OUT/memory_opt13.log
-         python3 bench/speed.py --device cuda --shape opt-1.3b --precision bnb-nf4 --batch 1,32 --seq 128 2>&1 | tee $OUT/speed_opt13_nf4.log ;;
+         python3 bench/memory.py --device cuda --shape opt-1.3b --precision fp16 --precision bnb-nf4 --batch 8 --seq 128 2>&1 | tee $OUT/memory_opt13.log ;;
+  nccl)  python3 bench/distributed.py --device cuda --shape opt-1.3b --dtype fp16 --batch 32 --seq 128 --rank 64 --k 32 2>&1 | tee $OUT/distributed_opt13.log ;;
 esac

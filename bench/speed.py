@@ -95,6 +95,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
                 times[name].append(t)
         log(f"  {precision} {batch}x{seq} round {r + 1}/{args.warmup + args.repeats}"
             f"{' (warm-up)' if r < args.warmup else ''}: " + ", ".join(f"{k} {t:.3f}s" for k, t in last.items()))
+    if args.profile:
+        _profile(step(None), dev, log)
     opt.delta.detach()
     med = {k: C.median(v) for k, v in times.items()}
     tokens, nine_fwd = batch * seq, n_slices * med["forward"]
@@ -110,6 +112,20 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     if tgt:
         row.update(target=tgt[0], target_met=tgt[2])
     return row
+
+
+def _profile(fused_step, device: str, log) -> None:
+    """Where one fused step's time goes: the ops with the most self time, and how many ops run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fused_step()
+        C.sync(device)
+    events = prof.key_averages()
+    log(f"  profile: {sum(e.count for e in events)} op calls in one fused step")
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    log(events.table(sort_by=key, row_limit=20))
 
 
 def _fmt(x):
@@ -130,6 +146,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1 cpu, 2 cuda)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 cpu, 5 cuda)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    ap.add_argument("--profile", action="store_true", help="print the op profile of one fused step")
     ap.add_argument("--no-stacked", dest="stacked", action="store_false",
                     help="skip timing the bare model on the (N+1)x stacked batch (the fused step's floor)")
     args = ap.parse_args(argv)

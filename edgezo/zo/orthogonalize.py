@@ -41,7 +41,7 @@ def streaming_power_iteration(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One power-iteration sweep towards the top-k right singular space of G, warm-started.
 
-    V₀ = QR(V_prev) (or `seed_start`, orthonormalized, when there is no V_prev),
+    V₀ = V_prev (orthonormal: the V this function returned last step), or QR(`seed_start`),
     V  = QR(GᵀG V₀),  U = colnorm(G V),  O = U Vᵀ.
     O is the *partial* orthogonalization of G: rank k, ‖O‖_F = √k, row space span(V). When V_prev
     already spans G's top-k right singular vectors, O is exactly U_k V_kᵀ (the polar factor
@@ -50,10 +50,12 @@ def streaming_power_iteration(
     Returns (O, V).
     """
     g = g.float()
-    start = v_prev if v_prev is not None else seed_start
-    if start is None:
+    if v_prev is not None:
+        v0 = v_prev.float()[:, :k]
+    elif seed_start is not None:
+        v0 = orthonormalize(seed_start.float())[:, :k]
+    else:
         raise ValueError("streaming_power_iteration needs v_prev or seed_start")
-    v0 = orthonormalize(start.float())[:, :k]
     v = orthonormalize(g.T @ (g @ v0))
     u = F.normalize(g @ v, dim=0, eps=1e-12)
     return u @ v.T, v

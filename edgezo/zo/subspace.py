@@ -17,7 +17,7 @@ def orthonormalize(a: torch.Tensor) -> torch.Tensor:
     """Q of the reduced QR of `a` with the sign fix diag(R) > 0, so the basis is unique (Haar for Gaussian `a`)."""
     q, r = torch.linalg.qr(a.float())
     signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
+    signs = torch.where(signs == 0, 1.0, signs)  # not a masked assignment: that syncs a GPU
     return (q * signs).contiguous()  # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
 
 
