@@ -16,5 +16,6 @@ case $stage in
          python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/speed_opt67_b32.log
          python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log
          python3 bench/memory.py --device cuda --shape opt-1.3b --precision fp16 --precision bnb-nf4 --batch 8 --seq 128 2>&1 | tee $OUT/memory_opt13.log ;;
-  nccl)  python3 bench/distributed.py --device cuda --shape opt-1.3b --dtype fp16 --batch 32 --seq 128 --rank 64 --k 32 2>&1 | tee $OUT/distributed_opt13.log ;;
+  nccl)  python3 bench/distributed.py --device cuda --shape opt-1.3b --dtype fp16 --batch 32 --seq 128 --rank 64 --k 32 2>&1 | tee $OUT/distributed_opt13.log
+         python3 bench/speed.py --device cuda --shape opt-1.3b --precision fp16 --batch 32 --seq 128 --profile 2>&1 | tee $OUT/speed_opt13_b32.log ;;
 esac
