@@ -84,6 +84,9 @@ def tune(
     device: Optional[str] = typer.Option(None, help="cpu | cuda | mps"),
     seed: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: the optimizer's)"),
+    train_1d: Optional[bool] = typer.Option(
+        None, "--train-1d/--no-train-1d", help="also train biases and norms (full-space probes; default off)"),
+    lr_1d: Optional[float] = typer.Option(None, "--lr-1d", help="learning rate of biases and norms (default 1e-5)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
@@ -95,8 +98,8 @@ def tune(
     """Fine-tune MODEL on DATA; writes a PEFT adapter, metrics.jsonl and curves.png into --out."""
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
-        device=device, seed=seed, lr=lr, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
-        checkpoint_every=checkpoint_every).items() if v is not None}
+        device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, batch_size=batch_size, max_length=max_length,
+        eval_every=eval_every, checkpoint_every=checkpoint_every).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
             raise EdgezoError("the demo has its own settings; pass MODEL and DATA to use --profile or other flags")
@@ -154,7 +157,7 @@ def _resolve(profile: str, model, flags: dict | None = None):
     from edgezo import profiles
 
     names = {"optimizer": "optimizer", "batch_size": "batch_size", "max_length": "seq_len",
-             "precision": "precision", "device": "device"}
+             "precision": "precision", "device": "device", "train_1d": "train_1d"}
     overrides = {names[k]: v for k, v in (flags or {}).items() if k in names}
     p = profiles.load_profile(profile)
     return (p, *profiles.resolve(p, model, overrides={**TUNE_RUNS, **overrides}))
@@ -178,8 +181,9 @@ def _tune_config(model: str, profile: str | None, flags: dict):
                 "eval_every", "checkpoint_every"):
         if key in flags:
             setattr(cfg, key, flags[key])
-    if "lr" in flags:
-        cfg.optim = {**cfg.optim, "lr": flags["lr"]}
+    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d") if k in flags}}
+    if "lr_1d" in flags and not cfg.optim.get("train_1d"):
+        raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")
     return cfg, precision, device
 
 

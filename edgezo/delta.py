@@ -8,7 +8,8 @@ The delta of a target W (m×n) has three parts, each applied as thin matmuls:
   - during probing, slice s of the stacked batch adds  scale_s · (probe s of this target),
     with the probe regenerated from its seed inside the forward and dropped right after.
 Because the base is only read, the same code serves fp32/fp16/bf16 Linears, bitsandbytes and
-quanto quantized Linears, and streamed weights.
+quanto quantized Linears, and streamed weights. Biases and norms (train_1d) get the same treatment
+in edgezo/vector_delta.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from edgezo import vector_delta
+from edgezo.vector_delta import VectorDelta
 from edgezo.zo.probes import PROBE, derive_seed, gaussian
 
 # The Linears of the decoder blocks (Llama/Qwen `layers.N`, OPT `decoder.layers.N`, GPT-2 `h.N`).
@@ -207,11 +210,14 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 class DeltaModel:
-    """A causal LM with a delta beside each target Linear (attached with forward hooks)."""
+    """A causal LM with a delta beside each target Linear (attached with forward hooks), and
+    optionally beside their biases and the matching norms (`vectors`, edgezo/vector_delta.py)."""
 
-    def __init__(self, model: nn.Module, targets: list[DeltaTarget]):
+    def __init__(self, model: nn.Module, targets: list[DeltaTarget], pattern: str = DEFAULT_TARGETS):
         self.model = model
         self.targets = targets
+        self.pattern = pattern
+        self.vectors: list[VectorDelta] = []
         self.probing: Probing | None = None
         self._handles = [t.module.register_forward_hook(self._hook(t)) for t in targets]
 
@@ -230,7 +236,7 @@ class DeltaModel:
             DeltaTarget(i, name, mod, mod.out_features, mod.in_features, _device_of(mod))
             for i, (name, mod) in enumerate(found)
         ]
-        return cls(model, targets)
+        return cls(model, targets, pattern)
 
     def _hook(self, target: DeltaTarget):
         def hook(module, args, output):
@@ -238,6 +244,19 @@ class DeltaModel:
             return output + delta.to(output.dtype) if torch.is_tensor(delta) else output
 
         return hook
+
+    def add_vectors(self, vectors: list[VectorDelta] | None = None) -> None:
+        """Attach 1-D deltas: `vectors`, or zero ones for the targets' biases and the norms matching the pattern."""
+        if vectors is None:
+            vectors = vector_delta.find_vectors(self.model, self.pattern, [t.module for t in self.targets])
+            if not vectors:
+                from edgezo.errors import EdgezoError
+
+                raise EdgezoError(f"train_1d: no bias or norm matches the target pattern {self.pattern!r}")
+        self.vectors = vectors
+        for v in vectors:
+            self._handles.append(v.module.register_forward_hook(
+                lambda module, args, output, v=v: v.forward_delta(args[0], output, self.probing)))
 
     @contextlib.contextmanager
     def probe(self, step_seed: int, n_probes: int, probes: list[int], scales: list[float]) -> Iterator[None]:
@@ -263,10 +282,11 @@ class DeltaModel:
                 value = getattr(t, key)
                 if value is not None:
                     out[f"{t.name}.{key}"] = value
-        return out
+        return out | vector_delta.state_dict(self.vectors)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for t in self.targets:
             for key in ("left", "right", "dense", "lora_A", "lora_B"):
                 value = state.get(f"{t.name}.{key}")
                 setattr(t, key, None if value is None else value.clone())
+        vector_delta.load_state_dict(self.vectors, state)

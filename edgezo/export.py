@@ -3,6 +3,8 @@
 Every target's delta (adapter + current window) is refactored to a rank-R pair (B, A) with the same
 R for all targets (zero-padded), lora_alpha = R so PEFT's scaling is 1: W_eff = W + B·A exactly as
 edgezo computes it. MeZO's full-rank delta is exported at the rank that represents it exactly.
+Trained 1-D deltas (train_1d) go in as PEFT keeps them, as whole trained parameters: the targets'
+biases with bias="lora_only", the norms as modules_to_save (vector_delta.to_peft).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from edgezo.checkpoint import atomic_write
+from edgezo import vector_delta
 from edgezo.delta import DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
 
@@ -42,19 +45,24 @@ def export_adapter(delta: DeltaModel, out_dir: str | Path, base_model: str | Pat
         pad = rank - b.shape[1]
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.nn.functional.pad(b, (0, pad)).contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.nn.functional.pad(a, (0, 0, 0, pad)).contiguous().cpu()
+    vectors, vector_config = vector_delta.to_peft(delta.vectors)
+    tensors.update(vectors)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": str(Path(base_model).resolve()),  # absolute, so merging works from any folder
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": sorted(pairs), "inference_mode": True, "init_lora_weights": True,
     }
+    if delta.vectors:  # without them the config stays as before
+        config.update(vector_config)
     atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
     atomic_write(out_dir / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return {"rank": rank, "dropped_energy": max(d for _, _, d in pairs.values())}
 
 
 def load_adapter(delta: DeltaModel, adapter_dir: str | Path) -> None:
-    """Load a PEFT LoRA adapter written by `export_adapter` into the delta path (as its adapter part)."""
+    """Load a PEFT LoRA adapter written by `export_adapter` into the delta path (as its adapter part),
+    with its trained biases and norms as 1-D deltas (saved − base)."""
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not path.exists():
         raise EdgezoError(f"no {ADAPTER_WEIGHTS} in {adapter_dir}; pass the --out folder of an `edgezo tune` run")
@@ -66,6 +74,9 @@ def load_adapter(delta: DeltaModel, adapter_dir: str | Path) -> None:
         if f"{key}.lora_A.weight" in tensors:
             t.lora_A = tensors[f"{key}.lora_A.weight"].float().to(t.device)
             t.lora_B = scale * tensors[f"{key}.lora_B.weight"].float().to(t.device)
+    vectors = vector_delta.from_peft(delta.model, tensors, cfg)
+    if vectors:
+        delta.add_vectors(vectors)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -90,6 +101,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         for t in delta.targets:
             weight = modules[t.name].weight
             weight += (t.lora_B @ t.lora_A).to(weight.dtype)
+        for v in delta.vectors:
+            for param, d in v.params():
+                v.base(param).add_(d.to(v.base(param).dtype))
     delta.detach()
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(base, local_files_only=True).save_pretrained(out_dir)

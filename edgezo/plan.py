@@ -30,6 +30,7 @@ from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
 from edgezo.delta import DEFAULT_TARGETS
 from edgezo.errors import EdgezoError
 from edgezo.optim import DEFAULTS, OPTIMIZERS
+from edgezo.vector_delta import find_vectors
 
 GiB = 1 << 30
 # Baseline of the process before any model tensor. cpu: RSS of python + torch + transformers + edgezo
@@ -63,6 +64,7 @@ class Settings:
     device: str = "cpu"
     streaming: bool = False
     adapter_rank: int = 64
+    train_1d: bool = False  # also train biases and norms (ZOConfig.train_1d)
     loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
 
     @property
@@ -81,8 +83,9 @@ class Settings:
         """The make_optimizer overrides these settings imply (only fields the method has)."""
         method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
         out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
-        return out | {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
-                      "adapter_rank": self.adapter_rank}
+        out |= {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
+                "adapter_rank": self.adapter_rank}
+        return out | ({"train_1d": True} if self.train_1d else {})  # only when on: older runs keep their settings
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Anatomy:
     block_elems: int  # parameters of one decoder block (the streaming unit)
     blocks: int
     targets: list[tuple[int, int]]  # (out, in) of every Linear the delta path trains
+    vector_elems: int  # elements of the 1-D parameters train_1d trains (targets' biases, block norms)
     hidden: int
     widest: int  # widest Linear output inside a block (the MLP's intermediate size)
     gated: bool  # two Linears of that width (gate and up) are alive together
@@ -161,12 +165,15 @@ def _measure_anatomy(config) -> Anatomy:
     hidden, heads, widest = config.hidden_size, config.num_attention_heads, max(block0)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     head = model.get_output_embeddings()
+    targets = [m for n, m in linears.items() if re.search(DEFAULT_TARGETS, n)]
+    vectors = find_vectors(model, DEFAULT_TARGETS, targets)
     return Anatomy(
         params=sum(p.numel() for p in model.parameters()),
         linear_elems=sum(m.weight.numel() for m in linears.values()),
         quantizable=sum(m.weight.numel() for m in linears.values() if m is not head),
         block_elems=sum(p.numel() for p in blocks[0].parameters()), blocks=len(blocks),
-        targets=[(m.out_features, m.in_features) for n, m in linears.items() if re.search(DEFAULT_TARGETS, n)],
+        targets=[(m.out_features, m.in_features) for m in targets],
+        vector_elems=sum(d.numel() for v in vectors for _, d in v.params()),
         hidden=hidden, widest=widest, gated=block0.count(widest) > 1 and widest != hidden,
         vocab=config.vocab_size, heads=heads,
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim,
@@ -217,6 +224,7 @@ def _state(a: Anatomy, s: Settings) -> tuple[int, int, int]:
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         probe = max(probe, {"lozo": m * r, "mezo": m * n}.get(s.optimizer, r * n))
+    state += a.vector_elems if s.train_1d else 0
     return 4 * state, 4 * adapter, 4 * 4 * probe  # update: probe, g·probe, running sum, method temporaries
 
 

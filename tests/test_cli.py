@@ -131,6 +131,17 @@ def test_tune_with_a_profile(files, tmp_path):
     assert settings["batch_size"] == 2  # an explicit flag beats the profile
 
 
+def test_tune_train_1d_flags(files, tmp_path):
+    _, model, data, _ = files
+    fails("tune", model, data, "--out", tmp_path / "bad", "--lr-1d", "1e-3", *FAST, match="--train-1d")
+    ok("tune", model, data, "--out", tmp_path / "run", "--train-1d", "--lr-1d", "1e-3", *FAST)
+    optim = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]
+    assert optim["train_1d"] is True and optim["lr_1d"] == 1e-3
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["modules_to_save"]  # Llama's norms
+    assert "eval_loss" in ok("eval", model, data, "--adapter", tmp_path / "run").stdout
+    ok("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged")
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 

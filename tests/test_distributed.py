@@ -27,6 +27,7 @@ from edgezo.runtime.synthetic import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, N_PROBES = 4, 8
+ONE_D = dict(train_1d=True, lr_1d=1e-2)
 
 
 def free_port() -> int:
@@ -47,9 +48,9 @@ def row_mean_lm_loss(model, batch, num_slices):
     return ce.view(ids.shape[0], -1).double().mean(1).view(num_slices, -1).mean(1)
 
 
-def _train(parallel=None, batch=None):
-    delta = DeltaModel.attach(tiny())
-    opt = make_optimizer("zo-mopi", delta, seed=3, rank=8, k=4, interval=2, n_probes=N_PROBES, parallel=parallel)
+def _train(parallel=None, batch=None, arch="llama", **kw):
+    delta = DeltaModel.attach(tiny(arch))
+    opt = make_optimizer("zo-mopi", delta, seed=3, rank=8, k=4, interval=2, n_probes=N_PROBES, parallel=parallel, **kw)
     for _ in range(STEPS):
         opt.step(row_mean_lm_loss, token_batch() if batch is None else batch)
     return delta, opt
@@ -66,6 +67,9 @@ def _replica(rank: int, world: int, port: int, out: Path) -> None:
             delta, opt = _train(parallel, batch)
             torch.save({"state": {**delta.state_dict(), **opt.state_dict()["tensors"]},
                         "hash": state_hash(delta, opt), "sent": parallel.sent}, out / f"{mode}{rank}.pt")
+        # biases and norms on (OPT has both): each rank evaluates its own slices, all apply the same g_i
+        delta_1d, _ = _train(make_parallel("probe"), arch="opt", **ONE_D)
+        torch.save(delta_1d.state_dict(), out / f"probe_1d{rank}.pt")
         try:  # a replica whose state differs is caught by the periodic hash check
             parallel.check_same(state_hash(delta, opt) if rank == 0 else "0" * 16, STEPS)
         except EdgezoError as err:
@@ -88,6 +92,13 @@ def test_two_ranks_equal_one_process(tmp_path):
         for key, ref in reference.items():
             got = ranks[0]["state"][key]
             assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= 1e-6, (mode, key)
+    reference_1d = _train(arch="opt", **ONE_D)[0].state_dict()
+    assert any(k.endswith("_1d") for k in reference_1d)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"probe_1d{rank}.pt")
+        assert got.keys() == reference_1d.keys()
+        for key, ref in reference_1d.items():
+            assert ((got[key] - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() <= 1e-6, key
     for rank in range(2):
         assert (tmp_path / f"diverged{rank}.txt").read_text().startswith(f"replicas diverged at step {STEPS}")
 

@@ -5,6 +5,7 @@
              g_i  = finite difference per probe          (edgezo.zo.estimators)
              Ĝ    = (1/N) Σ_i g_i · u_i per target        (u_i regenerated from its seed)
              update from Ĝ                               (method.update: SGD, NS5, power iteration…)
+             train_1d: biases and norms step by ZO-SGD  (edgezo/vector_delta.py, same g_i)
 
 Only seeds and the N scalars g_i are needed to reproduce a step, which is what the distributed
 mode sends. All state is in `OptimizerState` (tensors + two integers) and the DeltaModel.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 
 from edgezo.delta import DeltaModel, DeltaTarget
+from edgezo.errors import EdgezoError
 from edgezo.zo import estimators
 from edgezo.zo.probes import derive_seed
 
@@ -67,6 +69,8 @@ class ZOConfig:
     two_sided: bool = False
     adapter_rank: int | None = None  # cap on the folded adapter's rank; None keeps it exact
     fuse: int | None = None  # slices per forward; None = all of a step's slices in one forward
+    train_1d: bool = False  # also train biases and norms (vector_delta.py); off, they stay frozen
+    lr_1d: float = 1e-5  # their plain ZO-SGD step: MeZO's full-space lr range (docs/defaults.md), not the released 1e-7
 
 
 class ZOOptimizer:
@@ -77,6 +81,10 @@ class ZOOptimizer:
         self.delta, self.method, self.config = delta, method, config
         self.parallel = parallel  # edgezo.distributed: spreads evaluate() over the ranks of a process group
         self.state = OptimizerState(step=0, seed=seed, per_target=[{} for _ in delta.targets])
+        if config.train_1d and not delta.vectors:
+            delta.add_vectors()
+        elif delta.vectors and not config.train_1d:  # they would be probed or applied but never trained
+            raise EdgezoError("this DeltaModel carries 1-D deltas; train it with train_1d=True")
         for target, st in zip(delta.targets, self.state.per_target):
             target.side = method.side
             method.init(target, st, derive_seed(seed, -1, target.index))
@@ -146,6 +154,8 @@ class ZOOptimizer:
             for first, block in target.probe_chunks(step_seed, n, target.device):
                 grad += torch.tensordot(g_here[first : first + len(block)], block, dims=1)
             self.method.update(target, st, grad, self.config.lr)
+        for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
+            vector.update(g, step_seed, self.config.lr_1d)
         self.state.step = t + 1
 
     # -- explicit state ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 # Purposes, so that a basis draw and a probe draw with the same indices never share a stream.
-PROBE, BASIS = 1, 2
+PROBE, BASIS, PROBE_1D = 1, 2, 3  # PROBE_1D: the full-space probes of biases and norms (vector_delta.py)
 
 
 def derive_seed(*keys: int) -> int:
