@@ -1,8 +1,9 @@
 """Seeded Gaussian probes: regenerated on demand, never stored (the MeZO trick).
 
-Every random draw owns its generator, keyed by (run seed, step, probe, target, purpose). A draw
-therefore can never shift another draw's stream: the refresh of a basis, the perturbation of probe
-3 and the update's regeneration of probe 3 are independent streams by construction (this is what
+Every random draw owns its generator, keyed by (run seed, step, target, block, purpose); a step's N
+probes of one target are one block drawn at once (edgezo.delta.DeltaTarget.probe_chunks). A draw
+therefore can never shift another draw's stream: the refresh of a basis and the probes of a step are
+independent streams, and the update regenerates exactly the block the forward used (this is what
 makes bugs B1-B3 of the released code impossible here).
 """
 
