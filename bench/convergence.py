@@ -51,9 +51,17 @@ from edgezo.sentiment import build_sentiment_task  # noqa: E402
 from edgezo.zo import estimators  # noqa: E402
 
 # In priority order: if --max-minutes cuts the run short, the headline comparisons are done first.
-METHODS = {"zo-mopi": ("zo-mopi", "paper"), "zo-muon": ("zo-muon", "paper"), "mezo": ("mezo", "paper"),
-           "zo-mopi-released": ("zo-mopi", "released"), "lozo": ("lozo", "paper")}
-LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in METHODS}
+# name: (optimizer, variant, settings overridden; "targets": the DeltaModel pattern)
+METHODS = {"zo-mopi": ("zo-mopi", "paper", {}), "zo-muon": ("zo-muon", "paper", {}), "mezo": ("mezo", "paper", {}),
+           "zo-mopi-released": ("zo-mopi", "released", {}), "lozo": ("lozo", "paper", {})}
+# Why ZO-MOPI does what it does (docs/convergence.md, "Ablation"): one setting changed at a time; --methods picks them.
+ABLATIONS = {"zo-mopi-k8": ("zo-mopi", "paper", {"k": 8}), "zo-mopi-k64": ("zo-mopi", "paper", {"k": 64}),
+             "zo-mopi-beta0": ("zo-mopi", "paper", {"beta": 0.0}), "zo-mopi-n4": ("zo-mopi", "paper", {"n_probes": 4}),
+             "zo-mopi-n16": ("zo-mopi", "paper", {"n_probes": 16}),
+             "zo-mopi-attn": ("zo-mopi", "paper", {"targets": r"(^|\.)layers\.\d+\.self_attn\."}),
+             "zo-mopi-eps1e-2": ("zo-mopi", "paper", {"eps": 1e-2})}
+ALL = METHODS | ABLATIONS
+LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in ALL}
 # Zero-shot 55% on the 500 test tweets (near chance: it says "negative" too often); "Review: {text}\nSentiment:"
 # gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
 TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
@@ -86,7 +94,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", help="GGUF file or HF folder (default: the demo SmolLM2 GGUF)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="folder with train/validation/test.jsonl (built there if missing)")
-    p.add_argument("--methods", help=f"comma list of {','.join(METHODS)} (all)")
+    p.add_argument("--methods", help=f"comma list of {','.join(METHODS)} (all) or the ablations "
+                   f"{','.join(ABLATIONS)}")
     p.add_argument("--forwards", type=int, help="forward budget per run (2000)")
     p.add_argument("--eval-every", type=int, help="forwards between test evaluations (100)")
     p.add_argument("--eval-examples", type=int, help="test subset size (500: all)")
@@ -109,8 +118,8 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     args.workers = args.workers or (6 if torch.device(args.device).type == "cuda" else 1)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := [m for m in args.methods if m not in METHODS]:
-        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if unknown := [m for m in args.methods if m not in ALL]:
+        p.error(f"unknown method(s) {unknown}; choose from {list(ALL)}")
     return args
 
 
@@ -176,14 +185,26 @@ def grid(budget: int, every: int) -> list[int]:
     return list(range(every, budget + 1, every)) or [budget]
 
 
+def attach(b: Bench, method: str, seed: int, lr: float, **extra):
+    """A DeltaModel on the shared base and `method`'s optimizer over it (detach it when done)."""
+    name, variant, settings = ALL[method]
+    settings = settings | extra
+    delta = DeltaModel.attach(b.model, settings.pop("targets", DEFAULT_TARGETS))
+    try:
+        return delta, make_optimizer(name, delta, seed=seed, variant=variant, lr=lr, adapter_rank=ADAPTER_RANK,
+                                     **settings)
+    except BaseException:
+        delta.detach()
+        raise
+
+
 def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int, split: str,
            deadline: float = math.inf) -> dict:
     """Accuracy and loss on the split's eval examples at each grid point (NaN after a divergence or the deadline)."""
-    task, (name, variant) = (b.test if split == "test" else b.val), METHODS[method]
-    delta = DeltaModel.attach(b.model)
+    task = b.test if split == "test" else b.val
+    delta, opt = attach(b, method, seed, lr)
     accs, losses, forwards, bad = [], [], 0, 0
     try:
-        opt = make_optimizer(name, delta, seed=seed, variant=variant, lr=lr, adapter_rank=ADAPTER_RANK)
         per_step = len(estimators.slices(opt.config.n_probes, opt.config.two_sided))
         for point in grid(budget, every):
             if time.time() > deadline:  # out of time: the rest of the curve stays NaN
@@ -252,11 +273,9 @@ def measure_memory(b: Bench, lrs: dict[str, float], unfused: bool) -> dict[str, 
     weights = sum(t.numel() * t.element_size() for t in [*b.model.parameters(), *b.model.buffers()])
 
     def zo(method: str, **extra) -> None:
-        delta = DeltaModel.attach(b.model)
+        delta, opt = attach(b, method, 0, lrs[method], **extra)
         try:
-            name, variant = METHODS[method]
-            make_optimizer(name, delta, seed=0, variant=variant, lr=lrs[method], adapter_rank=ADAPTER_RANK,
-                           **extra).step(b.loss_fn, bt)
+            opt.step(b.loss_fn, bt)
         finally:
             delta.detach()
 
@@ -305,7 +324,7 @@ class Sweep:
 def priority(job: tuple) -> float:
     """Lower first: memory, zero-shot, FO seed 0 (it sets the target), METHODS in order, FO's other seeds after
     mezo: a run cut short by --max-minutes still has the headline comparisons."""
-    order = list(METHODS)
+    order = list(ALL)
     if job[0] == "zo":
         return 3 + order.index(job[1])
     if job[0] == "fo":
