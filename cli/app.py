@@ -90,6 +90,11 @@ def tune(
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
+    eval_data: Optional[Path] = typer.Option(
+        None, help="held-out file, same format as DATA (default: 10% of DATA held out)"),
+    template: Optional[str] = typer.Option(
+        None, help="classify: the prompt around each text, {text} where it goes, \\n a line break "
+                   "(default '{text}\\nAnswer:')"),
     checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its checkpoint"),
     distributed: Optional[str] = typer.Option(
@@ -99,7 +104,8 @@ def tune(
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
         device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, batch_size=batch_size, max_length=max_length,
-        eval_every=eval_every, checkpoint_every=checkpoint_every).items() if v is not None}
+        eval_every=eval_every, eval_data=eval_data, template=template,
+        checkpoint_every=checkpoint_every).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
             raise EdgezoError("the demo has its own settings; pass MODEL and DATA to use --profile or other flags")
@@ -181,6 +187,10 @@ def _tune_config(model: str, profile: str | None, flags: dict):
                 "eval_every", "checkpoint_every"):
         if key in flags:
             setattr(cfg, key, flags[key])
+    if "template" in flags:  # typed in a shell, a line break arrives as the two characters \n
+        cfg.template = flags["template"].replace("\\n", "\n")
+    if "eval_data" in flags:
+        cfg.eval_data = str(flags["eval_data"])
     cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d") if k in flags}}
     if "lr_1d" in flags and not cfg.optim.get("train_1d"):
         raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")

@@ -47,6 +47,7 @@ class TuneConfig:
     optim: dict = field(default_factory=dict)  # method / estimator overrides: lr, eps, n_probes, rank, k, ...
     eval_every: int = 20
     eval_fraction: float = 0.1
+    eval_data: str | None = None  # a held-out file (same format as the data); None: an eval_fraction split
     eval_batch_size: int = 16
     checkpoint_every: int = 20
     log_every: int = 1
@@ -73,6 +74,8 @@ def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
     free = ("steps", "max_time", "distributed", "hash_every")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     digest = hashlib.sha256(data_path.read_bytes()).hexdigest()[:16]
+    if cfg.eval_data:  # the held-out file is part of the run too
+        settings["eval_data_sha256"] = hashlib.sha256(Path(cfg.eval_data).read_bytes()).hexdigest()[:16]
     return {"model": str(model_folder), "data": str(data_path), "data_sha256": digest, "settings": settings}
 
 
@@ -166,7 +169,7 @@ def tune(
     data_path, out = Path(data), Path(out)
     task = data_mod.load_task_data(
         data_path, loaded.tokenizer, cfg.task, eval_fraction=cfg.eval_fraction, max_length=cfg.max_length,
-        label_words=cfg.label_words, template=cfg.template, seed=cfg.seed,
+        label_words=cfg.label_words, template=cfg.template, seed=cfg.seed, eval_path=cfg.eval_data,
     )
 
     delta = DeltaModel.attach(loaded.model, cfg.targets)

@@ -142,6 +142,19 @@ def test_tune_train_1d_flags(files, tmp_path):
     ok("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged")
 
 
+def test_tune_eval_data_and_template(files, tmp_path):
+    _, model, _, classify = files
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": "i love it", "label": "positive"},
+                                                 {"text": "i hate it", "label": "negative"}])
+    args = ["tune", model, classify, "--task", "classify", *FAST]
+    ok(*args, "--out", tmp_path / "run", "--eval-data", held, "--template", r"Review: {text}\nSentiment:")
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert settings["template"] == "Review: {text}\nSentiment:"  # the typed \n became a line break
+    assert settings["eval_data"] == str(held) and len(settings["eval_data_sha256"]) == 16
+    fails(*args, "--out", tmp_path / "a", "--eval-data", tmp_path / "none.jsonl", match="none.jsonl not found")
+    fails(*args, "--out", tmp_path / "b", "--template", "Review:", match="no {text} placeholder")
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
