@@ -59,6 +59,10 @@ class DeltaTarget:
             return (self.out_features, self.right.shape[0])
         return (self.out_features, self.in_features)
 
+    def coords(self) -> torch.Tensor:
+        """The window factor that the probes perturb and the update steps (its shape is probe_shape())."""
+        return {"right": self.right, "left": self.left, "full": self.dense}[self.side]
+
     def probe_chunks(self, step_seed: int, n_probes: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """This target's N probes of a step, as (index of the first, fp32 block (k, *probe_shape())).
 

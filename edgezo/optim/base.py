@@ -4,7 +4,8 @@
              evaluate the slices (fused or separately)   f(θ ± ε·z_i), or f(θ) and f(θ + ε·z_i)
              g_i  = finite difference per probe          (edgezo.zo.estimators)
              Ĝ    = (1/N) Σ_i g_i · u_i per target        (u_i regenerated from its seed)
-             update from Ĝ                               (method.update: SGD, NS5, power iteration…)
+             update from Ĝ                               (method.update: SGD, NS5, power iteration…),
+                                                         batched over the targets of one shape
              train_1d: biases and norms step by ZO-SGD  (edgezo/vector_delta.py, same g_i)
 
 Only seeds and the N scalars g_i are needed to reproduce a step, which is what the distributed
@@ -13,6 +14,7 @@ mode sends. All state is in `OptimizerState` (tensors + two integers) and the De
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -27,6 +29,10 @@ if TYPE_CHECKING:
     from edgezo.distributed import Replicas
 
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
+
+# Ĝ and method state of the targets updated in one batch, at most: bounds the update's transient
+# memory (the stacked copies and the update's temporaries) whatever the model's size.
+UPDATE_CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -56,7 +62,11 @@ class Method(Protocol):
 
     def refresh(self, target: DeltaTarget, state: dict[str, torch.Tensor], seed: int) -> None: ...
 
-    def update(self, target: DeltaTarget, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float) -> None: ...
+    def update(self, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float) -> torch.Tensor:
+        """The step of B targets of one shape: `grad` (B, *probe_shape) and every `state` tensor are
+        stacked on dim 0; updates `state` (in place or by replacing entries) and returns the
+        (B, *probe_shape) step that is subtracted from each target's coordinates."""
+        ...
 
 
 @dataclass
@@ -145,18 +155,36 @@ class ZOOptimizer:
         return torch.cat(out)
 
     def apply_update(self, g: torch.Tensor, t: int) -> None:
-        """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update. Advances the step."""
-        n, step_seed = len(g), self.step_seed(t)
-        on_device: dict[torch.device, torch.Tensor] = {}
-        for target, st in zip(self.targets, self.state.per_target):
-            g_here = on_device.setdefault(target.device, (g.float() / n).to(target.device))
-            grad = torch.zeros(target.probe_shape(), device=target.device)
-            for first, block in target.probe_chunks(step_seed, n, target.device):
-                grad += torch.tensordot(g_here[first : first + len(block)], block, dims=1)
-            self.method.update(target, st, grad, self.config.lr)
+        """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update, one call
+        for each chunk of same-shape targets (_update_chunks). Advances the step."""
+        step_seed, scaled = self.step_seed(t), g.float() / len(g)
+        for chunk in self._update_chunks():
+            targets = [self.targets[i] for i in chunk]
+            states = [self.state.per_target[i] for i in chunk]
+            grad = _estimates(targets, scaled, step_seed)
+            stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
+            step = self.method.update(stacked, grad, self.config.lr)
+            torch._foreach_sub_([target.coords() for target in targets], step.unbind())
+            for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
+                torch._foreach_copy_([st[key] for st in states], value.unbind())
         for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
             vector.update(g, step_seed, self.config.lr_1d)
         self.state.step = t + 1
+
+    def _update_chunks(self) -> list[list[int]]:
+        """Indices of the targets updated together: same probe shape, device and state shapes, in
+        chunks of at most UPDATE_CHUNK_BYTES of stacked Ĝ and state (at least one target)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (target, st) in enumerate(zip(self.targets, self.state.per_target)):
+            layout = tuple((key, value.shape, value.dtype) for key, value in st.items())
+            groups.setdefault((target.probe_shape(), target.device, layout), []).append(i)
+        chunks = []
+        for (shape, _, _), members in groups.items():
+            st = self.state.per_target[members[0]]
+            per_target = 4 * math.prod(shape) + sum(v.numel() * v.element_size() for v in st.values())
+            size = max(1, UPDATE_CHUNK_BYTES // per_target)
+            chunks += [members[i : i + size] for i in range(0, len(members), size)]
+        return chunks
 
     # -- explicit state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -169,3 +197,14 @@ class ZOOptimizer:
             prefix = target.name + "."
             st.clear()
             st.update({k[len(prefix) :]: v.clone() for k, v in sd["tensors"].items() if k.startswith(prefix)})
+
+
+def _estimates(targets: list[DeltaTarget], g: torch.Tensor, step_seed: int) -> torch.Tensor:
+    """Ĝ of same-shape targets, stacked: row b = Σ_i g_i u_i over target b's regenerated probes (g holds g_i/N)."""
+    device = targets[0].device
+    g = g.to(device)
+    grad = torch.zeros(len(targets), *targets[0].probe_shape(), device=device)
+    for row, target in zip(grad.flatten(1), targets):  # each target's probes from its own seed, as in the forward
+        for first, block in target.probe_chunks(step_seed, len(g), device):
+            row.addmv_(block.flatten(1).mT, g[first : first + len(block)])
+    return grad

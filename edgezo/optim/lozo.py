@@ -34,5 +34,5 @@ class LOZO:
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         target.right = gaussian((self._rank(target), target.in_features), seed, target.device)
 
-    def update(self, target: DeltaTarget, state: dict, grad: torch.Tensor, lr: float) -> None:
-        target.left -= (lr / target.left.shape[1]) * grad
+    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        return (lr / grad.shape[-1]) * grad  # grad: (…, m, r) coordinates of L

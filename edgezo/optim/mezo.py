@@ -25,5 +25,5 @@ class MeZO:
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         pass
 
-    def update(self, target: DeltaTarget, state: dict, grad: torch.Tensor, lr: float) -> None:
-        target.dense -= lr * grad
+    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        return lr * grad

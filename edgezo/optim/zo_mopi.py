@@ -8,6 +8,8 @@ For each target W (m×n), with orthonormal A = P (m×r) and probes B_i = u_i (r�
     X  ← X − η A U_t V_tᵀ                                                      ‖ΔX‖_F = η√k
     every ν steps: A ← QR([A U_k(M) | G]),  M ← A_newᵀ A_old M,  V carried   momentum-anchored refresh
 
+`update` runs these equations for a batch of same-shape targets at once (M, Ĝ, V with a leading batch dim).
+
 `variant="released"` (see `released()`) reproduces the authors' code's choices — Haar refresh, V
 reset at refresh, β = 0, one-sided N+1 queries — without its bugs (B1, B5: every draw has its own
 generator, and the momentum is reprojected without the spurious 1/m).
@@ -59,10 +61,10 @@ class ZOMOPI:
             state["v"] = self._random_v(target, r, seed)
         target.left = p_new
 
-    def update(self, target: DeltaTarget, state: dict, grad: torch.Tensor, lr: float) -> None:
+    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
         m = state["momentum"].mul_(self.beta).add_(grad, alpha=1 - self.beta)
-        o, state["v"] = streaming_power_iteration(m, state["v"], state["v"].shape[1])
-        target.right -= lr * o
+        o, state["v"] = streaming_power_iteration(m, state["v"], state["v"].shape[-1])
+        return lr * o
 
 
 def released() -> ZOMOPI:

@@ -35,5 +35,5 @@ class ZOMuon:
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         target.left = haar_basis(target.out_features, target.left.shape[1], seed, target.device)
 
-    def update(self, target: DeltaTarget, state: dict, grad: torch.Tensor, lr: float) -> None:
-        target.right -= lr * ORTHOGONALIZERS[self.orthogonalizer](grad)
+    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        return lr * ORTHOGONALIZERS[self.orthogonalizer](grad)

@@ -1,6 +1,7 @@
 """Orthogonalizers: map a gradient-like matrix G (r×n) to an update with flattened spectrum.
 
-Each is a pure function on plain tensors, computed in fp32.
+Each is a pure function on plain tensors, computed in fp32. Each also takes a batch (…×r×n) and
+treats every matrix on its own, so the update of many same-shape targets is one call.
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the short side: XXᵀ is then the small Gram matrix
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)  # per matrix, not over the batch
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 def streaming_power_iteration(
@@ -47,15 +48,15 @@ def streaming_power_iteration(
     already spans G's top-k right singular vectors, O is exactly U_k V_kᵀ (the polar factor
     restricted to the k dominant directions). Warm-starting from the previous step's V is what lets
     a single sweep per step track the slowly moving momentum ("streaming").
-    Returns (O, V).
+    Returns (O, V); G (…×r×n) and V_prev (…×n×k) may carry a batch of matrices on the leading dims.
     """
     g = g.float()
     if v_prev is not None:
-        v0 = v_prev.float()[:, :k]
+        v0 = v_prev.float()[..., :k]
     elif seed_start is not None:
-        v0 = orthonormalize(seed_start.float())[:, :k]
+        v0 = orthonormalize(seed_start.float())[..., :k]
     else:
         raise ValueError("streaming_power_iteration needs v_prev or seed_start")
-    v = orthonormalize(g.T @ (g @ v0))
-    u = F.normalize(g @ v, dim=0, eps=1e-12)
-    return u @ v.T, v
+    v = orthonormalize(g.mT @ (g @ v0))
+    u = F.normalize(g @ v, dim=-2, eps=1e-12)
+    return u @ v.mT, v

@@ -14,11 +14,14 @@ from edgezo.zo.probes import gaussian
 
 
 def orthonormalize(a: torch.Tensor) -> torch.Tensor:
-    """Q of the reduced QR of `a` with the sign fix diag(R) > 0, so the basis is unique (Haar for Gaussian `a`)."""
+    """Q of the reduced QR of `a` with the sign fix diag(R) > 0, so the basis is unique (Haar for Gaussian `a`).
+
+    `a` may be a batch (…, n, k): each matrix gets its own QR and sign fix.
+    """
     q, r = torch.linalg.qr(a.float())
-    signs = torch.sign(torch.diagonal(r))
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, 1.0, signs)  # not a masked assignment: that syncs a GPU
-    return (q * signs).contiguous()  # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
+    return (q * signs.unsqueeze(-2)).contiguous()  # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
 
 
 def haar_basis(m: int, r: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
