@@ -44,6 +44,14 @@ case $stage in
   wait)  # wait SECONDS: until every background run ends or SECONDS pass
          for _ in $(seq "${1:-540}"); do running || break; sleep 1; done
          copy_out; running && echo "STILL RUNNING" || echo "FINISHED" ;;
+  compare) # the step before (.carry_base: an older tree, e.g. `git archive REV edgezo bench`) and now, same card
+         for t in .carry_base .; do for b in 1 32; do
+           echo "== $t batch $b"; PYTHONPATH=/tmp/site:$PWD/$t python3 $t/bench/speed.py --device cuda --shape opt-6.7b \
+             --precision fp16 --batch $b --seq 128 2>&1 | grep -v Warn
+         done; done 2>&1 | tee $OUT/speed_compare.log
+         python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 \
+           | tail -n 45 > $OUT/speed_opt67_b1_profile.log
+         python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log | tail -n 4 ;;
   bench) python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 | tee $OUT/speed_opt67_b1.log
          python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/speed_opt67_b32.log
          python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log
