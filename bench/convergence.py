@@ -52,7 +52,7 @@ from edgezo.zo import estimators  # noqa: E402
 
 # In priority order: if --max-minutes cuts the run short, the headline comparisons are done first.
 # name: (optimizer, variant, settings overridden; "targets": the DeltaModel pattern)
-METHODS = {"zo-mopi": ("zo-mopi", "paper", {}), "zo-muon": ("zo-muon", "paper", {}), "mezo": ("mezo", "paper", {}),
+METHODS = {"zo-mopi": ("zo-mopi", "paper", {"n_probes": 8}),  # the paper's N (the default is now 4: ablation) "zo-muon": ("zo-muon", "paper", {}), "mezo": ("mezo", "paper", {}),
            "zo-mopi-released": ("zo-mopi", "released", {}), "lozo": ("lozo", "paper", {})}
 # Why ZO-MOPI does what it does (docs/convergence.md, "Ablation"): one setting changed at a time; --methods picks them.
 ABLATIONS = {"zo-mopi-k8": ("zo-mopi", "paper", {"k": 8}), "zo-mopi-k64": ("zo-mopi", "paper", {"k": 64}),

@@ -12,13 +12,14 @@ from edgezo.optim.mezo import MeZO
 from edgezo.optim.zo_mopi import ZOMOPI, released
 from edgezo.optim.zo_muon import ZOMuon
 
-# Defaults per method: (method policy, estimator/schedule settings). See docs/defaults.md.
+# Defaults per method: (method policy, estimator/schedule settings). Learning rates and ZO-MOPI's probe count
+# come from the SmolLM2 tweet-sentiment runs (docs/convergence.md); the reasoning is in docs/defaults.md.
 DEFAULTS: dict[str, tuple[Method, ZOConfig]] = {
-    "zo-mopi": (ZOMOPI(), ZOConfig(lr=1e-2, n_probes=8, two_sided=False)),
-    "zo-mopi-released": (released(), ZOConfig(lr=1e-2, n_probes=8, two_sided=False)),
-    "zo-muon": (ZOMuon(), ZOConfig(lr=1e-2, n_probes=4, two_sided=False)),
-    "lozo": (LOZO(), ZOConfig(lr=1e-6, n_probes=1, two_sided=True)),
-    "mezo": (MeZO(), ZOConfig(lr=1e-6, n_probes=1, two_sided=True)),
+    "zo-mopi": (ZOMOPI(), ZOConfig(lr=3e-2, n_probes=4, two_sided=False)),
+    "zo-mopi-released": (released(), ZOConfig(lr=9e-2, n_probes=8, two_sided=False)),
+    "zo-muon": (ZOMuon(), ZOConfig(lr=9e-2, n_probes=4, two_sided=False)),
+    "lozo": (LOZO(), ZOConfig(lr=9e-5, n_probes=1, two_sided=True)),
+    "mezo": (MeZO(), ZOConfig(lr=3e-5, n_probes=1, two_sided=True)),
 }
 OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
 
