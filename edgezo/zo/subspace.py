@@ -21,7 +21,8 @@ def orthonormalize(a: torch.Tensor) -> torch.Tensor:
     q, r = torch.linalg.qr(a.float())
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, 1.0, signs)  # not a masked assignment: that syncs a GPU
-    return (q * signs.unsqueeze(-2)).contiguous()  # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
+    # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
+    return (q * signs.unsqueeze(-2)).contiguous()
 
 
 def haar_basis(m: int, r: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
