@@ -2,7 +2,7 @@
 
 Every rank holds the whole model and the same optimizer state, and derives every probe from
 (seed, step, probe). So ranks stay identical by exchanging nothing but the step's S slice losses
-(S ≤ 2N+1 float64 scalars, 72 bytes for ZO-MOPI's default N=8), whatever the model's size.
+(S ≤ 2N+1 float64 scalars, 72 bytes for ZO-MOPI with N=8), whatever the model's size.
 
   data      every rank evaluates all S slices on its equal shard of the batch (whole examples);
             the losses are averaged over ranks
