@@ -33,34 +33,34 @@ from edgezo import data as D  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model, resolve_folder  # noqa: E402
 from edgezo.sentiment import build_sentiment_task  # noqa: E402
-from edgezo.zo.orthogonalize import newton_schulz5, streaming_power_iteration  # noqa: E402
+from edgezo.optim import ZOMOPI, ZOMuon  # noqa: E402
 from edgezo.zo.subspace import haar_basis, orthonormalize  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One update rule. orth: "sgd" (Ĝ itself), "ns5" (ZO-Muon), "spi" (ZO-MOPI's power iteration)."""
+    """One update rule: a method's own `update` on the subspace coordinates Ĝ (r×n), or, with `method` None,
+    Ĝ itself (after a β momentum if `beta`). MeZO's rule is Ĝ in the full space."""
 
     name: str
     space: str  # "subspace" (P·u probes, r=64) or "full" (MeZO)
     n_probes: int
     forwards: int  # per step
-    orth: str = "sgd"
+    method: ZOMOPI | ZOMuon | None = None
     beta: float = 0.0
-    k: int = 32
 
 
 RULES = [
     Rule("mezo", "full", 1, 2),
     Rule("subspace zo-sgd (N=4)", "subspace", 4, 5),
-    Rule("zo-muon (N=4, ns5)", "subspace", 4, 5, "ns5"),
-    Rule("zo-mopi (N=8, k=32, β=0.9)", "subspace", 8, 9, "spi", 0.9, 32),
-    Rule("zo-mopi k=8", "subspace", 8, 9, "spi", 0.9, 8),
-    Rule("zo-mopi k=64", "subspace", 8, 9, "spi", 0.9, 64),
-    Rule("zo-mopi β=0", "subspace", 8, 9, "spi", 0.0, 32),
-    Rule("zo-mopi N=4", "subspace", 4, 5, "spi", 0.9, 32),
-    Rule("zo-mopi N=16", "subspace", 16, 17, "spi", 0.9, 32),
-    Rule("zo-mopi β=0.9 sgd (no orth.)", "subspace", 8, 9, "sgd", 0.9),
+    Rule("zo-muon (N=4, ns5)", "subspace", 4, 5, ZOMuon()),
+    Rule("zo-mopi (N=8, k=32, β=0.9)", "subspace", 8, 9, ZOMOPI()),
+    Rule("zo-mopi k=8", "subspace", 8, 9, ZOMOPI(k=8)),
+    Rule("zo-mopi k=64", "subspace", 8, 9, ZOMOPI(k=64)),
+    Rule("zo-mopi β=0", "subspace", 8, 9, ZOMOPI(beta=0.0)),
+    Rule("zo-mopi N=4", "subspace", 4, 5, ZOMOPI()),
+    Rule("zo-mopi N=16", "subspace", 16, 17, ZOMOPI()),
+    Rule("zo-mopi β=0.9 sgd (no orth.)", "subspace", 8, 9, beta=0.9),
 ]
 
 
@@ -100,7 +100,10 @@ def simulate(rule: Rule, grads: list[list[torch.Tensor]], mean: list[torch.Tenso
     shapes = [g.shape for g in mean]
     bases = [haar_basis(m, min(rank, m), seed + i) for i, (m, _) in enumerate(shapes)]
     momenta = [torch.zeros(p.shape[1], n) for p, (_, n) in zip(bases, shapes)]
-    vs = [orthonormalize(torch.randn(n, min(rule.k, p.shape[1]), generator=gen)) for p, (_, n) in zip(bases, shapes)]
+    k = rule.method.k if isinstance(rule.method, ZOMOPI) else 32
+    # ZO-MOPI's state as ZOMOPI.init lays it out; every rule draws V, so all start their probes at one place
+    states = [{"momentum": mom, "v": orthonormalize(torch.randn(n, min(k, p.shape[1]), generator=gen))}
+              for mom, p, (_, n) in zip(momenta, bases, shapes)]
     norm_mean = torch.sqrt(sum((g * g).sum() for g in mean))
     out = []
     for t in range(steps):
@@ -113,13 +116,11 @@ def simulate(rule: Rule, grads: list[list[torch.Tensor]], mean: list[torch.Tenso
                 p = bases[i]
                 u = torch.randn(rule.n_probes, p.shape[1], grad.shape[1], generator=gen)
                 g_hat = torch.einsum("p,prn->rn", torch.einsum("prn,rn->p", u, p.T @ grad), u) / rule.n_probes
-                if rule.beta:
+                if rule.method is not None:  # the shipped update, lr 1: the step's direction
+                    g_hat = rule.method.update(states[i], g_hat, 1.0)
+                elif rule.beta:
                     momenta[i] = rule.beta * momenta[i] + (1 - rule.beta) * g_hat
                     g_hat = momenta[i]
-                if rule.orth == "ns5":
-                    g_hat = newton_schulz5(g_hat)
-                elif rule.orth == "spi":
-                    g_hat, vs[i] = streaming_power_iteration(g_hat, vs[i], vs[i].shape[1])
                 upd = p @ g_hat
             dot += float((upd * mean[i]).sum())
             sq += float((upd * upd).sum())
