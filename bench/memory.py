@@ -73,7 +73,7 @@ def _work(spec: dict, model, vocab: int) -> dict:
         out["logits_bytes"] = logits.numel() * logits.element_size()
         del logits
     else:
-        opt = C.make_opt(model, spec["optimizer"], spec["fuse"])
+        opt = C.make_opt(model, spec["optimizer"], spec["fuse"], **spec.get("settings", {}))
         out["state_bytes"] = C.state_bytes(opt)
         res = opt.step(loss, batch)
         out["loss"], out["forwards"] = res.loss, res.forwards
@@ -190,6 +190,9 @@ def _phases(args, precision: str, batch: int) -> list[dict]:
         out.append(dict(base, kind="inference", nocache=True, label="inference (no cache)"))
     for name in args.optimizers:
         out.append(dict(base, kind="tune", optimizer=name, fuse=args.fuse, label=f"tune {name}"))
+    for dtype in args.state_dtypes:
+        out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=args.fuse, settings=dict(state_dtype=dtype),
+                        label=f"tune zo-mopi ({dtype} M, V)"))
     if args.fused_row and precision == args.precisions[0] and "zo-mopi" in args.optimizers and args.fuse is not None:
         out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=None, label="tune zo-mopi (fuse=all)"))
     return out
@@ -327,6 +330,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--fuse", default="1", help="slices per forward for the tune rows: an integer or 'all'")
     ap.add_argument("--no-fused-row", dest="fused_row", action="store_false",
                     help="skip the extra zo-mopi fuse=all row (first precision only)")
+    ap.add_argument("--state-dtypes", default="", help="extra zo-mopi rows with momentum and V stored in these "
+                    "dtypes, comma-separated (bf16, fp16)")
     ap.add_argument("--no-nocache", action="store_true", help="skip the use_cache=False inference row")
     ap.add_argument("--no-streaming", dest="streaming", action="store_false")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per phase (CPU)")
@@ -341,6 +346,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     args.vocab = args.vocab or C.VOCAB.get(args.shape)
     args.optimizers = [o for o in args.optimizers.split(",") if o]
+    args.state_dtypes = [d for d in args.state_dtypes.split(",") if d]
     args.batches = [int(b) for b in args.batch.split(",")]
     args.fuse = None if args.fuse == "all" else int(args.fuse)
     if args.precision_list:

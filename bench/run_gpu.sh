@@ -49,9 +49,12 @@ case $stage in
            echo "== $t batch $b"; PYTHONPATH=/tmp/site:$PWD/$t python3 $t/bench/speed.py --device cuda --shape opt-6.7b \
              --precision fp16 --batch $b --seq 128 2>&1 | grep -v Warn
          done; done 2>&1 | tee $OUT/speed_compare.log
-         python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 \
-           | tail -n 45 > $OUT/speed_opt67_b1_profile.log
-         python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log | tail -n 4 ;;
+         for b in 1 32; do
+           python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 --repeats 3 \
+             --profile 2>&1 | grep -v Warn > $OUT/speed_opt67_b${b}_profile.log
+           python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 --optimizers zo-mopi 2>&1 \
+             | tee $OUT/memory_opt67_b$b.log | tail -n 4
+         done ;;
   bench) python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 | tee $OUT/speed_opt67_b1.log
          python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/speed_opt67_b32.log
          python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log

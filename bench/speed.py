@@ -96,7 +96,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
         log(f"  {precision} {batch}x{seq} round {r + 1}/{args.warmup + args.repeats}"
             f"{' (warm-up)' if r < args.warmup else ''}: " + ", ".join(f"{k} {t:.3f}s" for k, t in last.items()))
     if args.profile:
-        _profile(step(None), dev, log)
+        opt.config.fuse = None
+        _profile(opt, loss, tune, dev, log)
     opt.delta.detach()
     med = {k: C.median(v) for k, v in times.items()}
     tokens, nine_fwd = batch * seq, n_slices * med["forward"]
@@ -114,13 +115,22 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     return row
 
 
-def _profile(fused_step, device: str, log) -> None:
-    """Where one fused step's time goes: the ops with the most self time, and how many ops run."""
+def _profile(opt, loss, tune, device: str, log) -> None:
+    """Where one fused step's time goes: its forward and update parts (synced medians of 5), then the ops
+    with the most self time, and how many ops run."""
     from torch.profiler import ProfilerActivity, profile
 
+    from edgezo.zo import estimators
+
+    cfg, plan = opt.config, estimators.slices(opt.config.n_probes, opt.config.two_sided)
+    g = torch.randn(cfg.n_probes)
+    t = opt.state.step
+    forward = C.median([C.timed(lambda: opt.evaluate(loss, tune, plan, t), device) for _ in range(5)])
+    update = C.median([C.timed(lambda: opt.apply_update(g, t), device) for _ in range(5)])
+    log(f"  fused step parts: forward of all slices {forward:.4f}s, update {update:.4f}s")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
-        fused_step()
+        opt.step(loss, tune)
         C.sync(device)
     events = prof.key_averages()
     log(f"  profile: {sum(e.count for e in events)} op calls in one fused step")

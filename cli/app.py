@@ -87,6 +87,8 @@ def tune(
     train_1d: Optional[bool] = typer.Option(
         None, "--train-1d/--no-train-1d", help="also train biases and norms (full-space probes; default off)"),
     lr_1d: Optional[float] = typer.Option(None, "--lr-1d", help="learning rate of biases and norms (default 1e-5)"),
+    state_dtype: Optional[str] = typer.Option(
+        None, help="zo-mopi: fp32 | bf16 | fp16, how momentum and power-iteration state are stored (default fp32)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
@@ -103,8 +105,8 @@ def tune(
     """Fine-tune MODEL on DATA; writes a PEFT adapter, metrics.jsonl and curves.png into --out."""
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
-        device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, batch_size=batch_size, max_length=max_length,
-        eval_every=eval_every, eval_data=eval_data, template=template,
+        device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
+        batch_size=batch_size, max_length=max_length, eval_every=eval_every, eval_data=eval_data, template=template,
         checkpoint_every=checkpoint_every).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
@@ -163,7 +165,7 @@ def _resolve(profile: str, model, flags: dict | None = None):
     from edgezo import profiles
 
     names = {"optimizer": "optimizer", "batch_size": "batch_size", "max_length": "seq_len",
-             "precision": "precision", "device": "device", "train_1d": "train_1d"}
+             "precision": "precision", "device": "device", "train_1d": "train_1d", "state_dtype": "state_dtype"}
     overrides = {names[k]: v for k, v in (flags or {}).items() if k in names}
     p = profiles.load_profile(profile)
     return (p, *profiles.resolve(p, model, overrides={**TUNE_RUNS, **overrides}))
@@ -191,7 +193,7 @@ def _tune_config(model: str, profile: str | None, flags: dict):
         cfg.template = flags["template"].replace("\\n", "\n")
     if "eval_data" in flags:
         cfg.eval_data = str(flags["eval_data"])
-    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d") if k in flags}}
+    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype") if k in flags}}
     if "lr_1d" in flags and not cfg.optim.get("train_1d"):
         raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")
     return cfg, precision, device

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import torch
@@ -135,29 +135,46 @@ class DeltaTarget:
             self.left = torch.zeros_like(self.left)
         return dropped
 
-    def forward_delta(self, x: torch.Tensor, probing: "Probing | None") -> torch.Tensor | int:
-        """delta(x) for an input whose leading rows are grouped slice-major when probing."""
-        dtype = x.dtype
-        out: torch.Tensor | int = 0
+    def forward_delta(self, x: torch.Tensor, out: torch.Tensor, probing: "Probing | None") -> torch.Tensor:
+        """out + delta(x), for an input whose leading rows are grouped slice-major when probing.
+
+        `out` is the base Linear's fresh output; the delta is accumulated into it in place
+        (one pass over it) unless autograd needs it or it is not contiguous.
+        """
+        if out.requires_grad or not out.is_contiguous():
+            out = out.clone(memory_format=torch.contiguous_format)
+        y, dtype = out.view(-1, out.shape[-1]), out.dtype
+        x = x.reshape(-1, x.shape[-1]).to(dtype)
         if self.lora_A is not None and self.lora_A.shape[0] > 0:
-            out = (x @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+            y.addmm_(x @ self.lora_A.to(dtype).T, self.lora_B.to(dtype).T)
         if self.right is None and self.dense is None:  # adapter only (inference with a loaded adapter)
             return out
-        if self.side == "right":
-            h = x @ self.right.to(dtype).T
+        if self.side == "right":  # slice s: x_s (R + scale_s·u_s)ᵀ Lᵀ
+            y.addmm_(_per_slice(x, self.right, probing, self), self.left.to(dtype).T)
+        elif self.side == "left":  # slice s: (x_s Rᵀ)(L + scale_s·u_s)ᵀ
+            _per_slice(x @ self.right.to(dtype).T, self.left, probing, self, acc=y)
+        else:
+            y.addmm_(x, self.dense.to(dtype).T)
             if probing is not None:
-                h = probing.add_probes(self, x, h)
-            return out + h @ self.left.to(dtype).T
-        if self.side == "left":
-            h = x @ self.right.to(dtype).T
-            y = h @ self.left.to(dtype).T
-            if probing is not None:
-                y = probing.add_probes(self, h, y)
-            return out + y
-        y = x @ self.dense.to(dtype).T
-        if probing is not None:
-            y = probing.add_probes(self, x, y)
-        return out + y
+                probing.add_probes(self, x, y)
+        return out
+
+
+def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: "Probing | None", target: DeltaTarget,
+               acc: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ Wᵀ (added into `acc` if given), W = coords unperturbed, or per slice s W_s = coords + scale_s·probe_s.
+
+    While probing, the S slices' W_s are formed in fp32 (S copies of a low-rank factor, small) and
+    applied by one batched matmul, so x is read once.
+    """
+    dtype = x.dtype
+    if probing is None:
+        return x @ coords.to(dtype).T if acc is None else acc.addmm_(x, coords.to(dtype).T)
+    w = probing.perturbed(target, coords).to(dtype).mT
+    xs = x.view(len(probing.scales), -1, x.shape[-1])
+    if acc is None:
+        return torch.bmm(xs, w).view(x.shape[0], -1)
+    return acc.view(len(probing.scales), -1, acc.shape[-1]).baddbmm_(xs, w).view(acc.shape)
 
 
 @dataclass
@@ -168,36 +185,54 @@ class Probing:
     n_probes: int
     probes: list[int]
     scales: list[float]
+    _group_cache: dict = field(default_factory=dict, repr=False)
 
-    def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        """acc[slice s] += scale_s · x[slice s] @ probe_sᵀ for every perturbed slice.
+    def perturbed(self, target: DeltaTarget, coords: torch.Tensor) -> torch.Tensor:
+        """(S, *probe shape) fp32: coords + scale_s · probe s of `target`, for each slice s."""
+        w = coords.float().expand(len(self.scales), *coords.shape).clone()
+        for first, block in target.probe_chunks(self.step_seed, self.n_probes, coords.device):
+            for scale, sel, pick in self._groups(first, len(block)):
+                if isinstance(sel, slice) and isinstance(pick, slice):
+                    w[sel].add_(block[pick], alpha=scale)
+                else:
+                    w.index_add_(0, torch.tensor(sel, device=w.device), block[pick], alpha=scale)
+        return w
+
+    def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> None:
+        """acc[slice s] += scale_s · x[slice s] @ probe_sᵀ for every perturbed slice, in place (full-space
+        probes: a dense m×n per slice would be too big to form as `perturbed` does).
 
         The probes come in blocks (DeltaTarget.probe_chunks); the slices of a block that share a
-        scale are added by one in-place batched matmul, acc[sel] += scale · x[sel] @ blockᵀ.
+        scale are added by one batched matmul.
         """
         n = len(self.scales)
-        xs = x.reshape(n, -1, x.shape[-1])
-        acc = acc.reshape(n, -1, acc.shape[-1])  # a fresh matmul result: safe to add into
+        xs = x.view(n, -1, x.shape[-1])
+        acc = acc.view(n, -1, acc.shape[-1])
         for first, block in target.probe_chunks(self.step_seed, self.n_probes, x.device):
             u = block.to(x.dtype).mT
-            for scale, slices, rows in self._groups(first, len(block)):
-                sel, pick = _progression(slices), _progression(rows)
-                if sel is not None and pick is not None:  # views of the stacked rows: added in place
+            for scale, sel, pick in self._groups(first, len(block)):
+                if isinstance(sel, slice) and isinstance(pick, slice):  # views of the stacked rows
                     acc[sel].baddbmm_(xs[sel], u[pick], alpha=scale)
                 else:
-                    idx = torch.tensor(slices, device=x.device)
-                    acc.index_add_(0, idx, torch.bmm(xs[idx], u[rows]), alpha=scale)
-        return acc.reshape(*x.shape[:-1], acc.shape[-1])
+                    idx = torch.tensor(sel, device=x.device)
+                    acc.index_add_(0, idx, torch.bmm(xs[idx], u[pick]), alpha=scale)
 
-    def _groups(self, first: int, count: int) -> list[tuple[float, list[int], list[int]]]:
-        """(scale, slices, rows of the block) for the perturbed slices whose probe is in the block."""
-        groups: dict[float, tuple[list[int], list[int]]] = {}
-        for s, (p, scale) in enumerate(zip(self.probes, self.scales)):
-            if first <= p < first + count and scale != 0.0:
-                slices, rows = groups.setdefault(scale, ([], []))
-                slices.append(s)
-                rows.append(p - first)
-        return [(scale, slices, rows) for scale, (slices, rows) in groups.items()]
+    def _groups(self, first: int, count: int) -> list[tuple[float, slice | list[int], slice | list[int]]]:
+        """(scale, slices, rows of the block) for the perturbed slices whose probe is in the block,
+        as slices where evenly spaced (views, no index tensor); the same for every target, so cached."""
+        key = (first, count)
+        if key not in self._group_cache:
+            groups: dict[float, tuple[list[int], list[int]]] = {}
+            for s, (p, scale) in enumerate(zip(self.probes, self.scales)):
+                if first <= p < first + count and scale != 0.0:
+                    slices, rows = groups.setdefault(scale, ([], []))
+                    slices.append(s)
+                    rows.append(p - first)
+            self._group_cache[key] = [
+                (scale, _progression(slices) or slices, _progression(rows) or rows)
+                for scale, (slices, rows) in groups.items()
+            ]
+        return self._group_cache[key]
 
 
 def _progression(idx: list[int]) -> slice | None:
@@ -244,8 +279,7 @@ class DeltaModel:
 
     def _hook(self, target: DeltaTarget):
         def hook(module, args, output):
-            delta = target.forward_delta(args[0], self.probing)
-            return output + delta.to(output.dtype) if torch.is_tensor(delta) else output
+            return target.forward_delta(args[0], output, self.probing)
 
         return hook
 

@@ -4,9 +4,10 @@ peak = sum(items): runtime, weights, activations, logits, probes, optimizer_stat
 streaming_window, allocator. Only config.json (or GGUF metadata) is read; shapes come from an
 instance on the meta device. The transient items model the live tensors of one forward as the code
 runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the CPU table):
-  - activations: decoder-body peak. In a gated MLP act(gate) stays alive while up_proj's hooked
-    output is built (base out + delta + sum; + the folded adapter's product), so per token
-    (4|5)·intermediate + ~5·hidden elements; eager attention (and MPS) adds 2 score tensors. With
+  - activations: decoder-body peak. The MLP's intermediate tensors (out and act(out); gated:
+    act(gate), up and their product) dominate, as a hooked Linear adds its delta into its base
+    output in place: per token (2|3)·intermediate + ~5·hidden elements; eager attention (and MPS)
+    adds 2 score tensors. With
     the "full" loss (HF's default use_cache=True) every layer's KV cache is alive too.
   - logits: what the LM head and the loss add above that. "full": model(ids).logits + cross-entropy
     over all positions = logits, shifted copy, log_softmax (fp32). "scored": edgezo.data's loss (no
@@ -65,6 +66,7 @@ class Settings:
     streaming: bool = False
     adapter_rank: int = 64
     train_1d: bool = False  # also train biases and norms (ZOConfig.train_1d)
+    state_dtype: str = "fp32"  # zo-mopi: how M and V are stored (ZOMOPI.state_dtype)
     loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
 
     @property
@@ -83,6 +85,8 @@ class Settings:
         """The make_optimizer overrides these settings imply (only fields the method has)."""
         method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
         out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
+        if "state_dtype" in method_fields and self.state_dtype != "fp32":  # older runs keep their settings
+            out["state_dtype"] = self.state_dtype
         out |= {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
                 "adapter_rank": self.adapter_rank}
         return out | ({"train_1d": True} if self.train_1d else {})  # only when on: older runs keep their settings
@@ -182,7 +186,8 @@ def _measure_anatomy(config) -> Anatomy:
 
 
 def _validate(s: Settings) -> None:
-    for key, valid in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("loss", LOSSES)):
+    for key, valid in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("loss", LOSSES),
+                       ("state_dtype", tuple(FLOAT_BYTES))):
         if getattr(s, key) not in valid:
             raise EdgezoError(f"invalid setting {key}={getattr(s, key)!r}; use one of {', '.join(valid)}")
     if s.device_type not in RUNTIME_BYTES:
@@ -216,24 +221,26 @@ def _has_adapter(s: Settings) -> bool:
 
 
 def _state(a: Anatomy, s: Settings) -> tuple[int, int, int]:
-    """(optimizer state, adapter, probe temporaries) bytes; every optimizer tensor is fp32."""
+    """(optimizer state, adapter, probe temporaries) bytes; fp32, except zo-mopi's M and V at state_dtype."""
     state = adapter = probe = 0
+    mv_scale = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0
     for m, n in a.targets:
         r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)
-        state += {"zo-mopi": m * r + 2 * r * n + n * min(s.k, r, n), "zo-muon": m * r + r * n,
+        state += {"zo-mopi": m * r + r * n + mv_scale * (r * n + n * min(s.k, r, n)), "zo-muon": m * r + r * n,
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         probe = max(probe, {"lozo": m * r, "mezo": m * n}.get(s.optimizer, r * n))
     state += a.vector_elems if s.train_1d else 0
-    return 4 * state, 4 * adapter, 4 * 4 * probe  # update: probe, g·probe, running sum, method temporaries
+    return int(4 * state), 4 * adapter, 4 * 4 * probe  # update: probe, g·probe, running sum, method temporaries
 
 
 def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     """(activations, logits): the decoder-body peak and what the head/loss phase adds above it."""
     rows = s.slices_per_forward * s.batch_size
     tokens = rows * s.seq_len
-    hook = 3 + _has_adapter(s)  # a hooked Linear's base out + delta + their sum (+ the adapter's product)
-    body = ((hook + a.gated) * a.widest + 5 * a.hidden) * tokens * b
+    # the MLP's own widest tensors (out, act(out); gated: act(gate), up, their product); a hooked Linear
+    # adds its delta into its base output in place, so the hooks add only rank-sized products
+    body = ((2 + a.gated) * a.widest + 5 * a.hidden) * tokens * b
     if a.eager or s.device_type == "mps":  # scores + softmax, rows×heads×seq² fp32 (no fused SDPA)
         body = max(body, 10 * a.hidden * tokens * b + 2 * rows * a.heads * s.seq_len**2 * 4)
     if s.loss == "full":

@@ -2,11 +2,13 @@
 
 import math
 
+import pytest
+
 import torch
 
 from edgezo.zo.orthogonalize import newton_schulz5, streaming_power_iteration, svd_polar
 from edgezo.zo.probes import derive_seed, gaussian
-from edgezo.zo.subspace import anchored_basis, haar_basis, orthonormalize, reproject
+from edgezo.zo.subspace import _cholesky_qr, anchored_basis, haar_basis, long_matmul, orthonormalize, reproject
 
 
 def _matrix(r=16, n=48, seed=0):
@@ -122,3 +124,45 @@ def test_anchored_basis_keeps_momentum_directions_and_reprojection_is_exact():
 def test_orthonormalize_handles_rank_deficient_input():
     q = orthonormalize(torch.zeros(10, 3))
     assert torch.isfinite(q).all()
+
+
+def test_cholesky_qr_is_householder_qr_with_positive_diagonal():
+    a = torch.randn(3, 500, 16, generator=torch.Generator().manual_seed(0))
+    q, failed = _cholesky_qr(a)
+    reference, r = torch.linalg.qr(a.double())
+    reference = reference * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    assert not failed.any()
+    assert (q.double() - reference).abs().max() < 1e-5
+    assert (q.mT @ q - torch.eye(16)).abs().max() < 1e-5
+
+
+def test_cholesky_qr_stays_orthonormal_when_ill_conditioned():
+    u, _ = torch.linalg.qr(torch.randn(400, 12, generator=torch.Generator().manual_seed(1)))
+    a = u * torch.logspace(0, -6, 12)  # cond 1e6: squared by the Gram matrix, still within fp64
+    q, failed = _cholesky_qr(a[None])
+    assert not failed.any() and (q[0].mT @ q[0] - torch.eye(12)).abs().max() < 1e-5
+
+
+def test_orthonormalize_of_a_rank_deficient_matrix_falls_back():
+    z = torch.zeros(2, 40, 4)
+    z[1] = torch.randn(40, 4, generator=torch.Generator().manual_seed(2))
+    fallback = orthonormalize(torch.randn(2, 40, 4, generator=torch.Generator().manual_seed(3)))
+    q = orthonormalize(z, fallback=fallback)
+    assert torch.equal(q[0], fallback[0])  # the zero matrix: the fallback, untouched
+    assert torch.allclose(q[1], orthonormalize(z[1]), atol=1e-6)  # the other: its own Q
+    alone = orthonormalize(z[0])  # no fallback: Householder's (orthonormal) completion
+    assert torch.allclose(alone.mT @ alone, torch.eye(4), atol=1e-6)
+
+
+def test_zero_momentum_keeps_the_power_iteration_state():
+    v0 = orthonormalize(torch.randn(32, 4, generator=torch.Generator().manual_seed(4)))
+    o, v = streaming_power_iteration(torch.zeros(8, 32), v0, 4)
+    assert torch.equal(v, v0) and not o.any()
+
+
+@pytest.mark.parametrize("k", [4096, 1000, 257])
+def test_split_long_matmul_equals_the_plain_product(k):
+    gen = torch.Generator().manual_seed(k)
+    a, b = torch.randn(3, 8, k, generator=gen, dtype=torch.float64), torch.randn(3, k, 5, generator=gen, dtype=torch.float64)
+    assert torch.allclose(long_matmul(a, b, split=True), a @ b, atol=1e-9)
+    assert torch.allclose(long_matmul(b.mT, b, split=True), b.mT @ b, atol=1e-9)  # a transposed view

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.delta import DeltaTarget
+from edgezo.errors import EdgezoError
 from edgezo.zo.orthogonalize import streaming_power_iteration
 from edgezo.zo.probes import derive_seed, gaussian
 from edgezo.zo.subspace import anchored_basis, haar_basis, orthonormalize, reproject
+
+STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ZOMOPI:
     interval: int = 100
     anchored: bool = True  # paper: refresh keeps the momentum's top-k directions; released: Haar
     carry_v: bool = True  # paper: power-iteration state survives a refresh; released: reset
+    state_dtype: str = "fp32"  # M and V as stored; "bf16"/"fp16" halve them (the math stays fp32)
     name: str = "zo-mopi"
     side: str = "right"
 
@@ -43,12 +47,19 @@ class ZOMOPI:
         r = min(self.rank, m)
         target.left = haar_basis(m, r, seed, target.device)
         target.right = torch.zeros(r, n, device=target.device)
-        state["momentum"] = torch.zeros(r, n, device=target.device)
+        state["momentum"] = torch.zeros(r, n, device=target.device, dtype=self._dtype)
         state["v"] = self._random_v(target, r, seed)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        if self.state_dtype not in STATE_DTYPES:
+            raise EdgezoError(f"state_dtype {self.state_dtype!r}: use one of {', '.join(STATE_DTYPES)}")
+        return STATE_DTYPES[self.state_dtype]
 
     def _random_v(self, target: DeltaTarget, r: int, seed: int) -> torch.Tensor:
         k = min(self.k, r, target.in_features)
-        return orthonormalize(gaussian((target.in_features, k), derive_seed(seed, 1), target.device))
+        v = orthonormalize(gaussian((target.in_features, k), derive_seed(seed, 1), target.device))
+        return v.to(self._dtype)
 
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         p_old, r = target.left, target.left.shape[1]
@@ -56,14 +67,15 @@ class ZOMOPI:
             p_new = anchored_basis(p_old, state["momentum"], self.k, seed)
         else:
             p_new = haar_basis(target.out_features, r, seed, target.device)
-        state["momentum"] = reproject(p_new, p_old, state["momentum"])
+        state["momentum"] = reproject(p_new, p_old, state["momentum"].float()).to(self._dtype)
         if not self.carry_v:
             state["v"] = self._random_v(target, r, seed)
         target.left = p_new
 
     def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
         m = state["momentum"].mul_(self.beta).add_(grad, alpha=1 - self.beta)
-        o, state["v"] = streaming_power_iteration(m, state["v"], state["v"].shape[-1])
+        o, v = streaming_power_iteration(m, state["v"], state["v"].shape[-1])
+        state["v"] = v.to(self._dtype)
         return lr * o
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgezo.zo.subspace import orthonormalize
+from edgezo.zo.subspace import long_matmul, orthonormalize
 
 
 def svd_polar(g: torch.Tensor) -> torch.Tensor:
@@ -57,6 +57,6 @@ def streaming_power_iteration(
         v0 = orthonormalize(seed_start.float())[..., :k]
     else:
         raise ValueError("streaming_power_iteration needs v_prev or seed_start")
-    v = orthonormalize(g.mT @ (g @ v0))
-    u = F.normalize(g @ v, dim=-2, eps=1e-12)
+    v = orthonormalize(g.mT @ long_matmul(g, v0), fallback=v0)  # a zero momentum (every g_i = 0) keeps V
+    u = F.normalize(long_matmul(g, v), dim=-2, eps=1e-12)
     return u @ v.mT, v

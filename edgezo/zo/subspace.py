@@ -13,12 +13,59 @@ import torch
 from edgezo.zo.probes import gaussian
 
 
-def orthonormalize(a: torch.Tensor) -> torch.Tensor:
+def long_matmul(a: torch.Tensor, b: torch.Tensor, split: bool | None = None) -> torch.Tensor:
+    """a @ b (batched) where the reduction dim K is much longer than the output (r×n times n×k).
+
+    CUDA's batched GEMM gives such a product only a few thread blocks per matrix, each walking all of
+    K; cutting K into pieces multiplied in parallel, then summed, keeps the GPU busy. `split`
+    (default: on CUDA only; CPU BLAS needs no help) forces the choice.
+    """
+    k = a.shape[-1]
+    pieces = min(k // 256, 64)
+    while pieces > 1 and k % pieces:
+        pieces -= 1
+    if not (a.device.type == "cuda" if split is None else split) or pieces <= 1:
+        return a @ b
+    a = a.unflatten(-1, (pieces, k // pieces)).movedim(-2, -3)  # (…, pieces, M, K/pieces)
+    return (a @ b.unflatten(-2, (pieces, k // pieces))).sum(dim=-3)
+
+
+def orthonormalize(a: torch.Tensor, fallback: torch.Tensor | None = None) -> torch.Tensor:
     """Q of the reduced QR of `a` with the sign fix diag(R) > 0, so the basis is unique (Haar for Gaussian `a`).
 
-    `a` may be a batch (…, n, k): each matrix gets its own QR and sign fix.
+    `a` may be a batch (…, n, k): each matrix gets its own Q. A tall matrix goes through Cholesky QR
+    (_cholesky_qr): a few batched matmuls, where CUDA's Householder QR runs one sequential
+    factorization per matrix of more than 256 rows (and on CPU it is no slower than LAPACK's). Where that fails (`a` rank-deficient, or cond(a)
+    beyond ~1e7) the matrix gets `fallback` instead, if given (no host sync), else Householder QR.
     """
-    q, r = torch.linalg.qr(a.float())
+    a = a.float()
+    if a.shape[-2] < a.shape[-1] or a.device.type == "mps":  # wide: Q is square; MPS: no fp64
+        return _householder(a)
+    q, failed = _cholesky_qr(a)
+    if fallback is not None:
+        return torch.where(failed[..., None, None], fallback.to(q), q)
+    if bool(failed.any()):
+        q = torch.where(failed[..., None, None], _householder(a), q)
+    return q
+
+
+def _cholesky_qr(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, failed) by Cholesky QR twice (CholeskyQR2): R = chol(AᵀA), Q = A R⁻¹, then once more on Q to
+    remove what rounding left. Cholesky's R has a positive diagonal, so Q is Householder's sign-fixed Q.
+    The first Gram matrix squares cond(A), so that pass runs in fp64 (good to cond(A) ~1e7); Q is then
+    nearly orthonormal and the second pass is exact enough in fp32."""
+    eye = torch.eye(a.shape[-1], device=a.device)
+    q, failed = a.double(), torch.zeros(a.shape[:-2], dtype=torch.bool, device=a.device)
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(long_matmul(q.mT, q), upper=True)
+        q = q @ torch.linalg.solve_triangular(r, eye.to(q.dtype), upper=True)  # one k×k inverse, then a matmul
+        failed |= (info != 0) | ~torch.isfinite(r.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
+        q = q.float()
+    return q.contiguous(), failed
+
+
+def _householder(a: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(a)
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, 1.0, signs)  # not a masked assignment: that syncs a GPU
     # LAPACK's Q is column-major; one layout keeps matmuls bitwise on resume
