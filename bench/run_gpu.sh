@@ -52,8 +52,8 @@ case $stage in
          for b in 1 32; do
            python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 --repeats 3 \
              --profile 2>&1 | grep -v Warn > $OUT/speed_opt67_b${b}_profile.log
-           python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 --optimizers zo-mopi 2>&1 \
-             | tee $OUT/memory_opt67_b$b.log | tail -n 4
+           python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 \
+             --optimizers zo-mopi --state-dtypes fp16 2>&1 | tee $OUT/memory_opt67_b$b.log | tail -n 4
          done ;;
   bench) python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 | tee $OUT/speed_opt67_b1.log
          python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/speed_opt67_b32.log
