@@ -5,7 +5,7 @@
 # joins them and starts bench/convergence.py in its own session, so it outlives the call; `wait` follows it for
 # up to 9 minutes and copies its outputs to $OUT. Wheels missing there travel in .whl.
 #   NAME=convergence (default) | ablation: the run's outputs /tmp/g/out/NAME.*, taken over from .carry3/prev/NAME.json
-#   product LR STEPS: `edgezo tune` ZO-MOPI on the same task, in the background too (docs/convergence.md)
+#   product LR STEPS [NAME [FLAGS]]: `edgezo tune` ZO-MOPI on the same task, in the background too (docs/convergence.md)
 set -uo pipefail
 stage=$1; shift
 mkdir -p /tmp/g/out /tmp/site
@@ -18,15 +18,18 @@ GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf NAME=${NAME:-convergence}
 TEMPLATE='Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:'
 running() { for p in /tmp/g/*.pid; do kill -0 "$(cat "$p")" 2>/dev/null && return 0; done; return 1; }
 copy_out() {
-  [ -f /tmp/g/tune/metrics.jsonl ] && cp /tmp/g/tune/metrics.jsonl /tmp/g/out/tune_metrics.jsonl
+  for m in /tmp/g/*/metrics.jsonl; do [ -f "$m" ] && cp "$m" /tmp/g/out/"$(basename "$(dirname "$m")")"_metrics.jsonl; done
   cp /tmp/g/out/* "$OUT/" 2>/dev/null; for f in /tmp/g/out/*.log; do echo "== $f"; tail -n 25 "$f"; done
+}
+join_gguf() {  # the third part travels with this call
+  if [ ! -f $GGUF ]; then
+    cp .carryC/gp0* /tmp/g/ && cat /tmp/g/gp00 /tmp/g/gp01 /tmp/g/gp02 > $GGUF && sha256sum $GGUF | cut -c1-16
+  fi
 }
 case $stage in
   part)  cp .carry[ABC]/gp0* /tmp/g/ && ls -la /tmp/g && nvidia-smi --query-gpu=name,memory.used --format=csv ;;
   start) # start ARGS...: ARGS go to bench/convergence.py
-         if [ ! -f $GGUF ]; then
-           cp .carryC/gp0* /tmp/g/ && cat /tmp/g/gp00 /tmp/g/gp01 /tmp/g/gp02 > $GGUF && sha256sum $GGUF | cut -c1-16
-         fi
+         join_gguf
          cp .carry3/prev/$NAME.json /tmp/g/out/$NAME.json 2>/dev/null
          if [ "${MPS:-0}" = 1 ]; then  # MPS lets the workers' kernels share the GPU instead of taking turns
            nvidia-cuda-mps-control -d && timeout 90 python3 -c "import torch; print('mps ok', torch.ones(2, device='cuda').sum().item())" \
@@ -35,12 +38,14 @@ case $stage in
          setsid nohup python3 bench/convergence.py --model $GGUF --device cuda --data .carry3/sentiment \
            --out /tmp/g/out/$NAME.png --resume "$@" > /tmp/g/out/$NAME.log 2>&1 < /dev/null &
          echo $! > /tmp/g/$NAME.pid; sleep 60; copy_out ;;
-  product) # product LR STEPS: seed 0, batch 16, eval on the test split every 11 steps (~100 forwards)
+  product) # product LR STEPS [NAME [TUNE FLAGS...]]: seed 0, batch 16, eval on the test split every 11 steps (~100 forwards)
+         lr=$1 steps=$2 name=${3:-tune}; shift $(( $# < 3 ? $# : 3 ))
+         join_gguf
          setsid nohup python3 -m edgezo tune $GGUF .carry3/sentiment/train.jsonl --task classify --optimizer zo-mopi \
-           --lr "$1" --steps "$2" --seed 0 --batch-size 16 --max-length 128 --eval-every 11 --checkpoint-every 1000 \
-           --eval-data .carry3/sentiment/test.jsonl --template "$TEMPLATE" --device cuda --out /tmp/g/tune \
-           > /tmp/g/out/tune.log 2>&1 < /dev/null &
-         echo $! > /tmp/g/tune.pid; sleep 20; copy_out ;;
+           --lr "$lr" --steps "$steps" --seed 0 --batch-size 16 --max-length 128 --eval-every 11 --checkpoint-every 1000 \
+           --eval-data .carry3/sentiment/test.jsonl --template "$TEMPLATE" --device cuda --out /tmp/g/$name "$@" \
+           > /tmp/g/out/$name.log 2>&1 < /dev/null &
+         echo $! > /tmp/g/$name.pid; sleep 20; copy_out ;;
   wait)  # wait SECONDS: until every background run ends or SECONDS pass
          for _ in $(seq "${1:-540}"); do running || break; sleep 1; done
          copy_out; running && echo "STILL RUNNING" || echo "FINISHED" ;;

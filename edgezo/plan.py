@@ -295,8 +295,9 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
 
 
 # largest_fitting's search order, most important first. streaming prefers False (it is slower);
+# state_dtype comes after rank (a larger rank with bf16 momentum beats fp32 momentum at a smaller one);
 # fuse None (every slice in one forward) counts as largest: fuse only trades memory for speed.
-PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "fuse")
+PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
 
 
 def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,
@@ -331,7 +332,9 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
 
 
 def _size(key: str, value) -> float:
-    """Order of candidates: not streaming > streaming; fuse None > any fuse."""
+    """Order of candidates: not streaming > streaming; fuse None > any fuse; by bytes for state_dtype."""
+    if key == "state_dtype":
+        return FLOAT_BYTES.get(value, 0)
     return float(not value) if key == "streaming" else float("inf") if value is None else value
 
 

@@ -142,6 +142,13 @@ def test_tune_train_1d_flags(files, tmp_path):
     ok("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged")
 
 
+def test_tune_state_dtype_flag(files, tmp_path):
+    _, model, data, _ = files
+    ok("tune", model, data, "--out", tmp_path / "run", "--state-dtype", "bf16", *FAST)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]["state_dtype"] == "bf16"
+    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *FAST, match="state_dtype 'int8'")
+
+
 def test_tune_eval_data_and_template(files, tmp_path):
     _, model, _, classify = files
     held = write_jsonl(tmp_path / "held.jsonl", [{"text": "i love it", "label": "positive"},

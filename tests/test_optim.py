@@ -237,15 +237,16 @@ def test_fused_probes_equal_separate_forwards(name):
         assert torch.allclose(t1.weight_delta(), t2.weight_delta(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_save_load_continue_is_bitwise(name):
+@pytest.mark.parametrize("name,extra", [(n, {}) for n in OPTIMIZERS] + [("zo-mopi", {"state_dtype": "bf16"})])
+def test_save_load_continue_is_bitwise(name, extra):
     batch = token_batch()
-    d_full, o_full, _ = _run(name, tiny(), 6, batch=batch, interval=3 if name != "mezo" else 0)
-    d_a, o_a, _ = _run(name, tiny(), 4, batch=batch, interval=3 if name != "mezo" else 0)
+    kw = dict(interval=3 if name != "mezo" else 0, **extra)
+    d_full, o_full, _ = _run(name, tiny(), 6, batch=batch, **kw)
+    d_a, o_a, _ = _run(name, tiny(), 4, batch=batch, **kw)
     saved_delta = {k: v.clone() for k, v in d_a.state_dict().items()}
     saved_opt = copy.deepcopy(o_a.state_dict())
     d_b = DeltaModel.attach(tiny())
-    o_b = make_optimizer(name, d_b, seed=0, **_settings(name, interval=3 if name != "mezo" else 0))
+    o_b = make_optimizer(name, d_b, seed=0, **_settings(name, **kw))
     d_b.load_state_dict(saved_delta)
     o_b.load_state_dict(saved_opt)
     for _ in range(2):
