@@ -7,8 +7,8 @@ runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the C
   - activations: decoder-body peak. The MLP's intermediate tensors (out and act(out); gated:
     act(gate), up and their product) dominate, as a hooked Linear adds its delta into its base
     output in place: per token (2|3)·intermediate + ~5·hidden elements; eager attention (and MPS)
-    adds 2 score tensors. With
-    the "full" loss (HF's default use_cache=True) every layer's KV cache is alive too.
+    adds 2 score tensors. With the "full" loss (HF's default use_cache=True) every layer's KV cache
+    is alive too.
   - logits: what the LM head and the loss add above that. "full": model(ids).logits + cross-entropy
     over all positions = logits, shifted copy, log_softmax (fp32). "scored": edgezo.data's loss (no
     KV cache, lm_head in 128 MiB chunks) = 2 fp32 chunks + 2 hidden states.

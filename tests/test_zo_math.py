@@ -163,6 +163,7 @@ def test_zero_momentum_keeps_the_power_iteration_state():
 @pytest.mark.parametrize("k", [4096, 1000, 257])
 def test_split_long_matmul_equals_the_plain_product(k):
     gen = torch.Generator().manual_seed(k)
-    a, b = torch.randn(3, 8, k, generator=gen, dtype=torch.float64), torch.randn(3, k, 5, generator=gen, dtype=torch.float64)
+    a = torch.randn(3, 8, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(3, k, 5, generator=gen, dtype=torch.float64)
     assert torch.allclose(long_matmul(a, b, split=True), a @ b, atol=1e-9)
     assert torch.allclose(long_matmul(b.mT, b, split=True), b.mT @ b, atol=1e-9)  # a transposed view

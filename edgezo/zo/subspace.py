@@ -35,8 +35,9 @@ def orthonormalize(a: torch.Tensor, fallback: torch.Tensor | None = None) -> tor
 
     `a` may be a batch (…, n, k): each matrix gets its own Q. A tall matrix goes through Cholesky QR
     (_cholesky_qr): a few batched matmuls, where CUDA's Householder QR runs one sequential
-    factorization per matrix of more than 256 rows (and on CPU it is no slower than LAPACK's). Where that fails (`a` rank-deficient, or cond(a)
-    beyond ~1e7) the matrix gets `fallback` instead, if given (no host sync), else Householder QR.
+    factorization per matrix of more than 256 rows (on CPU it is as fast as LAPACK's). Where it fails
+    (`a` rank-deficient, or so ill-conditioned that its fp64 Gram matrix is not positive definite) the
+    matrix gets `fallback` instead, if given (no host sync), else Householder QR.
     """
     a = a.float()
     if a.shape[-2] < a.shape[-1] or a.device.type == "mps":  # wide: Q is square; MPS: no fp64
