@@ -60,6 +60,13 @@ case $stage in
            python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 \
              --optimizers zo-mopi --state-dtypes fp16 2>&1 | tee $OUT/memory_opt67_b$b.log | tail -n 4
          done ;;
+  nf4)   # bitsandbytes nf4 bases: speed at both shapes, memory at OPT-6.7B (fp16 beside it, M and V fp16 too)
+         for shape in opt-1.3b opt-6.7b; do
+           python3 bench/speed.py --device cuda --shape $shape --precision bnb-nf4 --batch 1,32 --seq 128 --repeats 3 \
+             2>&1 | grep -v Warn | tee $OUT/speed_${shape}_nf4.log | tail -n 4
+         done
+         python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16,bnb-nf4 --batch 1 --seq 128 \
+           --optimizers zo-mopi --state-dtypes fp16 2>&1 | tee $OUT/memory_opt67_nf4.log | tail -n 12 ;;
   bench) python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 --profile 2>&1 | tee $OUT/speed_opt67_b1.log
          python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 2>&1 | tee $OUT/speed_opt67_b32.log
          python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 1 --seq 128 2>&1 | tee $OUT/memory_opt67_b1.log

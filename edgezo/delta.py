@@ -164,13 +164,13 @@ def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: "Probing | None",
                acc: torch.Tensor | None = None) -> torch.Tensor:
     """x @ Wᵀ (added into `acc` if given), W = coords unperturbed, or per slice s W_s = coords + scale_s·probe_s.
 
-    While probing, the S slices' W_s are formed in fp32 (S copies of a low-rank factor, small) and
-    applied by one batched matmul, so x is read once.
+    While probing, the S slices' W_s (S copies of a low-rank factor, small) are formed in the input's
+    dtype and applied by one batched matmul, so x is read once.
     """
     dtype = x.dtype
     if probing is None:
         return x @ coords.to(dtype).T if acc is None else acc.addmm_(x, coords.to(dtype).T)
-    w = probing.perturbed(target, coords).to(dtype).mT
+    w = probing.perturbed(target, coords, dtype).mT
     xs = x.view(len(probing.scales), -1, x.shape[-1])
     if acc is None:
         return torch.bmm(xs, w).view(x.shape[0], -1)
@@ -187,15 +187,19 @@ class Probing:
     scales: list[float]
     _group_cache: dict = field(default_factory=dict, repr=False)
 
-    def perturbed(self, target: DeltaTarget, coords: torch.Tensor) -> torch.Tensor:
-        """(S, *probe shape) fp32: coords + scale_s · probe s of `target`, for each slice s."""
-        w = coords.float().expand(len(self.scales), *coords.shape).clone()
+    def perturbed(self, target: DeltaTarget, coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(S, *probe shape) in `dtype`: coords + scale_s · probe s of `target` for each slice s, summed in
+        fp32 and rounded once, each slice written once."""
+        w = torch.empty(len(self.scales), *coords.shape, dtype=dtype, device=coords.device)
+        coords, baseline = coords.float(), self._unperturbed()
+        if baseline != []:  # (an empty index would still cost a host-to-device copy)
+            w[baseline] = coords.to(dtype)
         for first, block in target.probe_chunks(self.step_seed, self.n_probes, coords.device):
             for scale, sel, pick in self._groups(first, len(block)):
                 if isinstance(sel, slice) and isinstance(pick, slice):
-                    w[sel].add_(block[pick], alpha=scale)
+                    torch.add(coords, block[pick], alpha=scale, out=w[sel])
                 else:
-                    w.index_add_(0, torch.tensor(sel, device=w.device), block[pick], alpha=scale)
+                    w[sel] = torch.add(coords, block[pick], alpha=scale).to(dtype)
         return w
 
     def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> None:
@@ -216,6 +220,13 @@ class Probing:
                 else:
                     idx = torch.tensor(sel, device=x.device)
                     acc.index_add_(0, idx, torch.bmm(xs[idx], u[pick]), alpha=scale)
+
+    def _unperturbed(self) -> slice | list[int]:
+        """The slices that carry no probe (the one-sided baseline), as a slice where possible."""
+        if "unperturbed" not in self._group_cache:
+            idx = [s for s, (p, scale) in enumerate(zip(self.probes, self.scales)) if p < 0 or scale == 0.0]
+            self._group_cache["unperturbed"] = (_progression(idx) or idx) if idx else []
+        return self._group_cache["unperturbed"]
 
     def _groups(self, first: int, count: int) -> list[tuple[float, slice | list[int], slice | list[int]]]:
         """(scale, slices, rows of the block) for the perturbed slices whose probe is in the block,

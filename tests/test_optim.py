@@ -7,7 +7,7 @@ import torch
 from conftest import lm_loss, tiny, token_batch
 from torch import nn
 
-from edgezo.delta import DeltaModel
+from edgezo.delta import DeltaModel, DeltaTarget, Probing
 from edgezo.optim import OPTIMIZERS, make_optimizer
 from edgezo.zo import estimators
 
@@ -208,6 +208,22 @@ def test_delta_path_equals_dense_in_place_update(name, arch):
         lo, ld = model(**batch).logits, dense(**batch).logits
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
     assert ((lo - ld).norm() / ld.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("probes,scales", [
+    ([-1, 0, 1, 2], [0.0, 1e-3, 1e-3, 1e-3]),  # one-sided: a baseline, then evenly spaced probes
+    ([0, 0, 1, 1, 2, 2], [1e-3, -1e-3] * 3),  # two-sided: strided groups per sign
+    ([2, -1, 0], [1e-3, 0.0, 1e-3]),  # out of order (a probe-parallel rank's share): index path
+])
+def test_perturbed_coordinates_are_coords_plus_scaled_probe_per_slice(probes, scales, dtype):
+    target = DeltaTarget(0, "t", nn.Linear(16, 12), 12, 16)
+    target.right = torch.randn(4, 16)
+    target.left = torch.randn(12, 4)
+    w = Probing(7, 3, probes, scales).perturbed(target, target.right, dtype)
+    for s, (p, scale) in enumerate(zip(probes, scales)):
+        expected = target.right if p < 0 else torch.add(target.right, target.probe(7, 3, p, "cpu"), alpha=scale)
+        assert w.dtype == dtype and torch.equal(w[s], expected.to(dtype))
 
 
 def test_delta_is_added_out_of_place_when_autograd_needs_the_output():
