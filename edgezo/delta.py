@@ -185,7 +185,7 @@ class Probing:
     n_probes: int
     probes: list[int]
     scales: list[float]
-    _group_cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # _groups, _unperturbed: shared by all targets
 
     def perturbed(self, target: DeltaTarget, coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(S, *probe shape) in `dtype`: coords + scale_s · probe s of `target` for each slice s, summed in
@@ -223,27 +223,27 @@ class Probing:
 
     def _unperturbed(self) -> slice | list[int]:
         """The slices that carry no probe (the one-sided baseline), as a slice where possible."""
-        if "unperturbed" not in self._group_cache:
+        if "unperturbed" not in self._cache:
             idx = [s for s, (p, scale) in enumerate(zip(self.probes, self.scales)) if p < 0 or scale == 0.0]
-            self._group_cache["unperturbed"] = (_progression(idx) or idx) if idx else []
-        return self._group_cache["unperturbed"]
+            self._cache["unperturbed"] = (_progression(idx) or idx) if idx else []
+        return self._cache["unperturbed"]
 
     def _groups(self, first: int, count: int) -> list[tuple[float, slice | list[int], slice | list[int]]]:
         """(scale, slices, rows of the block) for the perturbed slices whose probe is in the block,
         as slices where evenly spaced (views, no index tensor); the same for every target, so cached."""
         key = (first, count)
-        if key not in self._group_cache:
+        if key not in self._cache:
             groups: dict[float, tuple[list[int], list[int]]] = {}
             for s, (p, scale) in enumerate(zip(self.probes, self.scales)):
                 if first <= p < first + count and scale != 0.0:
                     slices, rows = groups.setdefault(scale, ([], []))
                     slices.append(s)
                     rows.append(p - first)
-            self._group_cache[key] = [
+            self._cache[key] = [
                 (scale, _progression(slices) or slices, _progression(rows) or rows)
                 for scale, (slices, rows) in groups.items()
             ]
-        return self._group_cache[key]
+        return self._cache[key]
 
 
 def _progression(idx: list[int]) -> slice | None:
