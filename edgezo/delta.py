@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -170,7 +170,8 @@ def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: "Probing | None",
     dtype = x.dtype
     if probing is None:
         return x @ coords.to(dtype).T if acc is None else acc.addmm_(x, coords.to(dtype).T)
-    w = probing.perturbed(target, coords, dtype).mT
+    blocks = target.probe_chunks(probing.step_seed, probing.n_probes, coords.device)
+    w = probing.perturbed(coords, blocks, dtype).mT
     xs = x.view(len(probing.scales), -1, x.shape[-1])
     if acc is None:
         return torch.bmm(xs, w).view(x.shape[0], -1)
@@ -187,14 +188,18 @@ class Probing:
     scales: list[float]
     _cache: dict = field(default_factory=dict, repr=False)  # _groups, _unperturbed: shared by all targets
 
-    def perturbed(self, target: DeltaTarget, coords: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(S, *probe shape) in `dtype`: coords + scale_s · probe s of `target` for each slice s, summed in
-        fp32 and rounded once, each slice written once."""
+    def perturbed(self, coords: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]],
+                  dtype: torch.dtype) -> torch.Tensor:
+        """(S, *coords.shape) in `dtype`: coords + scale_s · probe s for each slice s, summed in fp32 and
+        rounded once, each slice written once. `blocks`: the step's probes as (index of the first, block).
+
+        No index tensor is built where the slices are evenly spaced, so a GPU is never synced here.
+        """
         w = torch.empty(len(self.scales), *coords.shape, dtype=dtype, device=coords.device)
         coords, baseline = coords.float(), self._unperturbed()
         if baseline != []:  # (an empty index would still cost a host-to-device copy)
             w[baseline] = coords.to(dtype)
-        for first, block in target.probe_chunks(self.step_seed, self.n_probes, coords.device):
+        for first, block in blocks:
             for scale, sel, pick in self._groups(first, len(block)):
                 if isinstance(sel, slice) and isinstance(pick, slice):
                     torch.add(coords, block[pick], alpha=scale, out=w[sel])

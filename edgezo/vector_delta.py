@@ -89,11 +89,8 @@ class VectorDelta:
         delta = getattr(self, param)
         if probing is None:
             return delta[None]
-        z = self.probe_block(param, probing.step_seed, probing.n_probes)
-        picks = torch.tensor([max(p, 0) for p in probing.probes], device=self.device)
-        scales = torch.tensor([s if p >= 0 else 0.0 for p, s in zip(probing.probes, probing.scales)],
-                              device=self.device)
-        return delta[None] + scales[:, None] * z[picks]
+        block = self.probe_block(param, probing.step_seed, probing.n_probes)
+        return probing.perturbed(delta, [(0, block)], torch.float32)
 
     def forward_delta(self, x: torch.Tensor, output: torch.Tensor, probing: Probing | None) -> torch.Tensor:
         """The module's output plus its 1-D delta (rows grouped slice-major while probing)."""

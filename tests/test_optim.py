@@ -220,7 +220,7 @@ def test_perturbed_coordinates_are_coords_plus_scaled_probe_per_slice(probes, sc
     target = DeltaTarget(0, "t", nn.Linear(16, 12), 12, 16)
     target.right = torch.randn(4, 16)
     target.left = torch.randn(12, 4)
-    w = Probing(7, 3, probes, scales).perturbed(target, target.right, dtype)
+    w = Probing(7, 3, probes, scales).perturbed(target.right, target.probe_chunks(7, 3, "cpu"), dtype)
     for s, (p, scale) in enumerate(zip(probes, scales)):
         expected = target.right if p < 0 else torch.add(target.right, target.probe(7, 3, p, "cpu"), alpha=scale)
         assert w.dtype == dtype and torch.equal(w[s], expected.to(dtype))
