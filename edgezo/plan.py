@@ -29,6 +29,7 @@ import torch
 
 from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
 from edgezo.delta import DEFAULT_TARGETS
+from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.optim import DEFAULTS, OPTIMIZERS
 from edgezo.vector_delta import find_vectors
@@ -42,7 +43,7 @@ RUNTIME_BYTES = {"cpu": 363 << 20, "cuda": 700 << 20, "mps": 800 << 20}
 # The caching allocator reserves more than the live tensors: 22-33% on the H100 by default (4-19%
 # with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); CPU RSS has no such slack once pinned.
 ALLOCATOR_SLACK = {"cpu": 0.0, "cuda": 0.3, "mps": 0.3}
-FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+FLOAT_BYTES = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
 QUANT_BYTES = {"bnb-int8": 1.0, "quanto-int8": 1.0, "bnb-nf4": 0.5 + 4 / 64, "quanto-int4": 0.5 + 4 / 128}  # + scales
 PRECISIONS = tuple(FLOAT_BYTES) + tuple(QUANT_BYTES)
 LOSSES = ("full", "scored")

@@ -22,13 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.delta import DeltaTarget
+from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.zo.orthogonalize import streaming_power_iteration
 from edgezo.zo.probes import derive_seed, gaussian
 from edgezo.zo.subspace import anchored_basis, haar_basis, orthonormalize, reproject
-
-STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
 class ZOMOPI:
@@ -52,9 +50,9 @@ class ZOMOPI:
 
     @property
     def _dtype(self) -> torch.dtype:
-        if self.state_dtype not in STATE_DTYPES:
-            raise EdgezoError(f"state_dtype {self.state_dtype!r}: use one of {', '.join(STATE_DTYPES)}")
-        return STATE_DTYPES[self.state_dtype]
+        if self.state_dtype not in FLOAT_DTYPES:
+            raise EdgezoError(f"state_dtype {self.state_dtype!r}: use one of {', '.join(FLOAT_DTYPES)}")
+        return FLOAT_DTYPES[self.state_dtype]
 
     def _random_v(self, target: DeltaTarget, r: int, seed: int) -> torch.Tensor:
         k = min(self.k, r, target.in_features)

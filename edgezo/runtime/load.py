@@ -27,11 +27,11 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4", "quanto-int8", "quanto-int4")
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 _CAUSAL_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
@@ -201,8 +201,8 @@ def _from_pretrained(folder: Path, dev: torch.device, dtype: torch.dtype, **kwar
 
 
 def _load_weights(folder: Path, precision: str, dev: torch.device) -> torch.nn.Module:
-    if precision in _FLOAT_DTYPES:
-        return _from_pretrained(folder, dev, _FLOAT_DTYPES[precision])
+    if precision in FLOAT_DTYPES:
+        return _from_pretrained(folder, dev, FLOAT_DTYPES[precision])
     dtype = _compute_dtype(dev)
     if precision.startswith("bnb-"):
         if precision == "bnb-int8":

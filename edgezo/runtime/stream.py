@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.runtime.load import LoadedModel, resolve_folder
 
@@ -36,7 +37,7 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-STREAM_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STREAM_PRECISIONS = FLOAT_DTYPES  # streaming reads unquantized weights only
 _CHUNK = 1 << 30  # Linux caps one read() at ~2 GiB
 _ALIGN = 64  # byte alignment of each tensor inside a block's mapping
 
