@@ -37,7 +37,9 @@ TASKS = ("classify", "complete", "lm")
 FIELDS = {"classify": ("text", "label"), "complete": ("prompt", "completion"), "lm": ("text",)}
 SUPPORTED = (".jsonl", ".csv", ".txt")
 DEFAULT_TEMPLATE = "{text}\nAnswer:"
-_LOGIT_ELEMENTS = 1 << 25  # fp32 logits per lm_head call (128 MiB), whatever the rows and vocab
+# fp32 logits per lm_head call (32 MiB), whatever the rows and vocab; every row is in each call, so a GPU
+# still reads the head's weights once per (rows × a few positions) at least
+_LOGIT_ELEMENTS = 1 << 23
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor]
 
@@ -341,7 +343,14 @@ def _head(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_logprobs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    """log p(target) from a chunk of fp32 logits that nothing else holds. Without autograd the
+    normalizer is computed in place, so the chunk is the loss's only logits-sized tensor
+    (logsumexp would add two temporaries of its size)."""
+    picked = logits.gather(-1, target[..., None]).squeeze(-1)
+    if logits.requires_grad:
+        return picked - logits.logsumexp(-1)
+    top = logits.amax(-1, keepdim=True)
+    return picked - (logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1))
 
 
 def _class_scores(model, batch, num_slices: int, num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:

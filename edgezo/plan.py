@@ -1,6 +1,6 @@
 """The memory model: what one run of edgezo needs, item by item, before anything is loaded.
 
-peak = sum(items): runtime, weights, activations, logits, probes, optimizer_state, adapter,
+peak = sum(items): runtime, weights, activations, logits, probes, update, optimizer_state, adapter,
 streaming_window, allocator. Only config.json (or GGUF metadata) is read; shapes come from an
 instance on the meta device. The transient items model the live tensors of one forward as the code
 runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the CPU table):
@@ -11,7 +11,11 @@ runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the C
     is alive too.
   - logits: what the LM head and the loss add above that. "full": model(ids).logits + cross-entropy
     over all positions = logits, shifted copy, log_softmax (fp32). "scored": edgezo.data's loss (no
-    KV cache, lm_head in 128 MiB chunks) = 2 fp32 chunks + 2 hidden states.
+    KV cache, lm_head on every row and a few positions per call, ≤ 32 MiB of fp32 logits, normalized in
+    place) = one fp32 chunk (and the head's half-precision output) + 2 hidden states.
+  - probes: one hooked Linear's fp32 probe block and its slices' perturbed factors.
+  - update: what the update (fp32, one chunk of same-shape targets) needs beyond the forward's
+    transients, which are freed by then.
 On CPU, RSS follows live tensors only once `pin_heap_threshold()` has been called.
 """
 
@@ -28,10 +32,11 @@ from typing import Callable
 import torch
 
 from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
-from edgezo.delta import DEFAULT_TARGETS
+from edgezo.delta import DEFAULT_TARGETS, PROBE_BLOCK_ELEMENTS
 from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.optim import DEFAULTS, OPTIMIZERS
+from edgezo.optim.base import update_chunk_bytes
 from edgezo.vector_delta import find_vectors
 
 GiB = 1 << 30
@@ -221,18 +226,35 @@ def _has_adapter(s: Settings) -> bool:
     return s.optimizer != "mezo" and s.adapter_rank > 0 and s.interval > 0  # folds happen at refreshes
 
 
-def _state(a: Anatomy, s: Settings) -> tuple[int, int, int]:
-    """(optimizer state, adapter, probe temporaries) bytes; fp32, except zo-mopi's M and V at state_dtype."""
-    state = adapter = probe = 0
+def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
+    """(optimizer state, adapter, forward probe tensors, update transient) bytes.
+
+    State is fp32, except zo-mopi's M and V at state_dtype. A hooked Linear's forward holds its fp32
+    probe block (DeltaTarget.probe_chunks) and the slices' perturbed factors in the compute dtype; the
+    update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
+    the stacked Ĝ and state, and about as much in temporaries, plus one probe block.
+    """
+    state = adapter = forward = update = 0
     mv_scale = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0
+    chunk_bytes = update_chunk_bytes(torch.device(s.device_type))
+    groups: dict[tuple[int, int], list[int]] = {}  # probe shape -> fp32 working bytes of each target
     for m, n in a.targets:
         r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)
-        state += {"zo-mopi": m * r + r * n + mv_scale * (r * n + n * min(s.k, r, n)), "zo-muon": m * r + r * n,
+        k = min(s.k, r, n)
+        state += {"zo-mopi": m * r + r * n + mv_scale * (r * n + n * k), "zo-muon": m * r + r * n,
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
-        probe = max(probe, {"lozo": m * r, "mezo": m * n}.get(s.optimizer, r * n))
+        shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))
+        probe = shape[0] * shape[1]
+        block = 4 * probe * min(s.n_probes, max(1, PROBE_BLOCK_ELEMENTS // probe))
+        perturbed = 0 if s.optimizer == "mezo" else s.slices_per_forward * probe * b  # mezo: add_probes
+        forward = max(forward, block + perturbed)
+        groups.setdefault(shape, []).append(4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
+        update = max(update, block)
+    for sizes in groups.values():
+        update = max(update, 2 * max(sizes[0], min(chunk_bytes, sum(sizes))) + block)
     state += a.vector_elems if s.train_1d else 0
-    return int(4 * state), 4 * adapter, 4 * 4 * probe  # update: probe, g·probe, running sum, method temporaries
+    return int(4 * state), 4 * adapter, forward, update
 
 
 def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
@@ -249,8 +271,11 @@ def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
         head = kv + tokens * (a.hidden + a.vocab) * b
         loss = 4 * a.vocab * (tokens + 2 * rows * (s.seq_len - 1))  # fp32 logits, shifted copy, log_softmax
         return body + kv, max(0, head - body - kv, loss - body - kv)
-    chunk = min(LOGIT_CHUNK, rows * (s.seq_len - 1) * a.vocab)
-    return body, max(0, 2 * tokens * a.hidden * b + 2 * chunk * 4 - body)
+    # edgezo.data's loss: every row, a few positions per LM-head call; its fp32 logits (normalized in
+    # place) and, below fp32, the head's own output
+    positions = min(max(1, LOGIT_CHUNK // (rows * a.vocab)), s.seq_len - 1)
+    chunk = rows * positions * a.vocab
+    return body, max(0, 2 * tokens * a.hidden * b + chunk * (4 + (b if b < 4 else 0)) - body)
 
 
 def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:
@@ -265,11 +290,12 @@ def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> M
     _validate(s)
     b = _compute_bytes(s)
     weights, window = _weights(a, s, b)
-    state, adapter, probes = _state(a, s)
+    state, adapter, probes, update = _state(a, s, b)
     activations, logits = _transients(a, s, b)
     items = {"runtime": RUNTIME_BYTES[s.device_type] if runtime is None else runtime, "weights": weights,
-             "activations": activations, "logits": logits, "probes": probes, "optimizer_state": state,
-             "adapter": adapter, "streaming_window": window}
+             "activations": activations, "logits": logits, "probes": probes,
+             "update": max(0, update - activations - logits - probes),  # after the forward's tensors are freed
+             "optimizer_state": state, "adapter": adapter, "streaming_window": window}
     items["allocator"] = int(ALLOCATOR_SLACK[s.device_type] * (sum(items.values()) - items["runtime"]))
     peak = sum(items.values())
     fits = None if budget is None else peak <= budget
@@ -286,6 +312,7 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
         "activations": "lower batch_size or seq_len, or set fuse=1 (one slice per forward)",
         "logits": "lower batch_size or seq_len, or use the scored loss",
         "optimizer_state": "lower rank" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
+        "update": "lower rank or n_probes" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
         "runtime": "raise the memory budget (the runtime alone needs this much)",
         "allocator": "lower batch_size or seq_len (the caching allocator's slack grows with the tensors)",
     }

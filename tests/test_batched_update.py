@@ -102,7 +102,7 @@ def test_chunked_update_is_identical_and_bounded(name, variant, settings, per_ch
     delta, opt, _ = _run(name, variant, settings, calls=whole)
     b, size = max(whole)
     limit = per_chunk * size // b  # `per_chunk` targets of the largest group
-    monkeypatch.setattr(base, "UPDATE_CHUNK_BYTES", limit)
+    monkeypatch.setattr(base, "UPDATE_CHUNK_BYTES", limit)  # (these tests run on CPU)
     calls = []
     c_delta, c_opt, _ = _run(name, variant, settings, calls=calls)
     assert all(b == 1 or size <= limit for b, size in calls)

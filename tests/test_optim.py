@@ -1,6 +1,8 @@
 """The engine on tiny random-init models: delta path, fused probes, refresh, state, estimators."""
 
 import copy
+import functools
+import threading
 
 import pytest
 import torch
@@ -8,8 +10,9 @@ from conftest import lm_loss, tiny, token_batch
 from torch import nn
 
 from edgezo.delta import DeltaModel, DeltaTarget, Probing
-from edgezo.optim import OPTIMIZERS, make_optimizer
+from edgezo.optim import OPTIMIZERS, base, make_optimizer
 from edgezo.zo import estimators
+from edgezo.zo.probes import drawn_in_parallel, gaussian
 
 SMALL = dict(rank=8)  # tiny models have 64-wide layers
 
@@ -251,6 +254,35 @@ def test_fused_probes_equal_separate_forwards(name):
         assert torch.allclose(torch.tensor(a.scalars), torch.tensor(b.scalars), rtol=1e-3, atol=1e-3)
     for t1, t2 in zip(d1.targets, d2.targets):
         assert torch.allclose(t1.weight_delta(), t2.weight_delta(), rtol=1e-4, atol=1e-6)
+
+
+def test_drawn_in_parallel_returns_each_job_in_any_order_of_takes():
+    calls = []
+
+    def job(key):
+        calls.append((key, threading.current_thread().name.startswith("edgezo-draw")))
+        return gaussian((3,), key)
+
+    jobs = {key: functools.partial(job, key) for key in range(6)}
+    with drawn_in_parallel(jobs, workers=2) as take:
+        got = {key: take(key) for key in (2, 0, 1, 3, 5, 4, 4)}  # out of order, and 4 twice
+    assert all(torch.equal(got[key], gaussian((3,), key)) for key in jobs)
+    # each once on a worker (2 with 3, 0 with 1), and 4 again, in the caller, when taken again
+    assert sorted(calls) == sorted([(k, True) for k in range(6)] + [(4, False)])
+
+
+@pytest.mark.parametrize("name", ["zo-mopi", "lozo", "mezo"])
+def test_drawing_probes_on_worker_threads_changes_nothing(name, monkeypatch):
+    """On CPU the update draws probe blocks several at a time on worker threads (base._probe_blocks):
+    bitwise the same steps as drawing each block when needed."""
+    runs = []
+    for workers in (0, 2):
+        monkeypatch.setattr(base, "draw_workers", lambda devices, w=workers: w)
+        delta, opt, results = _run(name, tiny("opt"), 3, interval=2 if name != "mezo" else 0)
+        runs.append((delta.state_dict(), [r.scalars for r in results]))
+    (s0, g0), (s2, g2) = runs
+    assert g0 == g2
+    assert all(torch.equal(s0[key], s2[key]) for key in s0)
 
 
 @pytest.mark.parametrize("name,extra", [(n, {}) for n in OPTIMIZERS] + [("zo-mopi", {"state_dtype": "bf16"})])

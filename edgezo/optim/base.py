@@ -14,25 +14,34 @@ mode sends. All state is in `OptimizerState` (tensors + two integers) and the De
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
 import torch
 
 from edgezo.delta import DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
 from edgezo.zo import estimators
-from edgezo.zo.probes import derive_seed
+from edgezo.zo.probes import derive_seed, draw_workers, drawn_in_parallel
 
 if TYPE_CHECKING:
     from edgezo.distributed import Replicas
 
 LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 
-# Ĝ and method state of the targets updated in one batch, at most: bounds the update's transient
-# memory (the stacked copies and the update's temporaries) whatever the model's size.
-UPDATE_CHUNK_BYTES = 64 << 20
+# Ĝ and method state of the targets updated in one batch, at most, counted in fp32 (the update's
+# working precision, whatever the state is stored in): bounds the update's transient memory (the
+# stacked copies and the update's temporaries, about twice this) whatever the model's size. A GPU
+# wants large batches, as each op is a kernel launch; a CPU runs as fast in small ones.
+UPDATE_CHUNK_BYTES = 16 << 20
+UPDATE_CHUNK_BYTES_CUDA = 64 << 20
+
+
+def update_chunk_bytes(device: torch.device) -> int:
+    return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" else UPDATE_CHUNK_BYTES
 
 
 @dataclass
@@ -65,7 +74,8 @@ class Method(Protocol):
     def update(self, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float) -> torch.Tensor:
         """The step of B targets of one shape: `grad` (B, *probe_shape) and every `state` tensor are
         stacked on dim 0; updates `state` (in place or by replacing entries) and returns the
-        (B, *probe_shape) step that is subtracted from each target's coordinates."""
+        (B, *probe_shape) step that is subtracted from each target's coordinates. `grad` is the
+        caller's scratch: the step may be computed in it."""
         ...
 
 
@@ -158,31 +168,33 @@ class ZOOptimizer:
         """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update, one call
         for each chunk of same-shape targets (_update_chunks). Advances the step."""
         step_seed, scaled = self.step_seed(t), g.float() / len(g)
-        for chunk in self._update_chunks():
-            targets = [self.targets[i] for i in chunk]
-            states = [self.state.per_target[i] for i in chunk]
-            grad = _estimates(targets, scaled, step_seed)
-            stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
-            step = self.method.update(stacked, grad, self.config.lr)
-            torch._foreach_sub_([target.coords() for target in targets], step.unbind())
-            for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
-                torch._foreach_copy_([st[key] for st in states], value.unbind())
+        chunks = self._update_chunks()
+        with _probe_blocks(self.targets, step_seed, len(g), [i for chunk in chunks for i in chunk]) as blocks_of:
+            for chunk in chunks:
+                targets = [self.targets[i] for i in chunk]
+                states = [self.state.per_target[i] for i in chunk]
+                grad = _estimates(targets, scaled, blocks_of)
+                stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
+                step = self.method.update(stacked, grad, self.config.lr)
+                torch._foreach_sub_([target.coords() for target in targets], step.unbind())
+                for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
+                    torch._foreach_copy_([st[key] for st in states], value.unbind())
         for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
             vector.update(g, step_seed, self.config.lr_1d)
         self.state.step = t + 1
 
     def _update_chunks(self) -> list[list[int]]:
         """Indices of the targets updated together: same probe shape, device and state shapes, in
-        chunks of at most UPDATE_CHUNK_BYTES of stacked Ĝ and state (at least one target)."""
+        chunks of at most update_chunk_bytes(device) of stacked Ĝ and state (at least one target)."""
         groups: dict[tuple, list[int]] = {}
         for i, (target, st) in enumerate(zip(self.targets, self.state.per_target)):
             layout = tuple((key, value.shape, value.dtype) for key, value in st.items())
             groups.setdefault((target.probe_shape(), target.device, layout), []).append(i)
         chunks = []
-        for (shape, _, _), members in groups.items():
+        for (shape, device, _), members in groups.items():
             st = self.state.per_target[members[0]]
-            per_target = 4 * math.prod(shape) + sum(v.numel() * v.element_size() for v in st.values())
-            size = max(1, UPDATE_CHUNK_BYTES // per_target)
+            per_target = 4 * (math.prod(shape) + sum(v.numel() for v in st.values()))
+            size = max(1, update_chunk_bytes(device) // per_target)
             chunks += [members[i : i + size] for i in range(0, len(members), size)]
         return chunks
 
@@ -199,12 +211,41 @@ class ZOOptimizer:
             st.update({k[len(prefix) :]: v.clone() for k, v in sd["tensors"].items() if k.startswith(prefix)})
 
 
-def _estimates(targets: list[DeltaTarget], g: torch.Tensor, step_seed: int) -> torch.Tensor:
-    """Ĝ of same-shape targets, stacked: row b = Σ_i g_i u_i over target b's regenerated probes (g holds g_i/N)."""
+@contextlib.contextmanager
+def _probe_blocks(targets: list[DeltaTarget], step_seed: int, n_probes: int,
+                  order: list[int]) -> Iterator[Callable[[int], Iterable[tuple[int, torch.Tensor]]]]:
+    """Yields blocks_of(target index) -> the target's probe blocks of the step (DeltaTarget.probe_chunks).
+
+    On CPU the update draws several targets' blocks side by side on worker threads, in `order`
+    (edgezo.zo.probes.drawn_in_parallel): torch draws a tensor's Gaussians on one core, and here the
+    draws are nearly all the work. (Not in the forward: there, torch's own threads still spin on
+    the cores after each matmul, and drawing beside them was measured slower.) Full-space (MeZO)
+    blocks, each the size of its weight, always come one at a time.
+    """
+    by_index = {t.index: t for t in targets}
+
+    def lazy(index: int) -> Iterator[tuple[int, torch.Tensor]]:
+        return by_index[index].probe_chunks(step_seed, n_probes, by_index[index].device)
+
+    def drawn(index: int) -> list[tuple[int, torch.Tensor]]:
+        return list(lazy(index))
+
+    workers = draw_workers(t.device for t in targets) if all(t.side != "full" for t in targets) else 0
+    if workers == 0:
+        yield lazy
+        return
+    with drawn_in_parallel({i: functools.partial(drawn, i) for i in order}, workers) as take:
+        yield take
+
+
+def _estimates(targets: list[DeltaTarget], g: torch.Tensor,
+               blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]]) -> torch.Tensor:
+    """Ĝ of same-shape targets, stacked: row b = Σ_i g_i u_i over target b's regenerated probes (g holds g_i/N);
+    blocks_of(target index) gives a target's probe blocks (DeltaTarget.probe_chunks, as in the forward)."""
     device = targets[0].device
     g = g.to(device)
     grad = torch.zeros(len(targets), *targets[0].probe_shape(), device=device)
-    for row, target in zip(grad.flatten(1), targets):  # each target's probes from its own seed, as in the forward
-        for first, block in target.probe_chunks(step_seed, len(g), device):
+    for row, target in zip(grad.flatten(1), targets):
+        for first, block in blocks_of(target.index):
             row.addmv_(block.flatten(1).mT, g[first : first + len(block)])
     return grad

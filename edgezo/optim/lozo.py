@@ -35,4 +35,4 @@ class LOZO:
         target.right = gaussian((self._rank(target), target.in_features), seed, target.device)
 
     def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        return (lr / grad.shape[-1]) * grad  # grad: (…, m, r) coordinates of L
+        return grad.mul_(lr / grad.shape[-1])  # grad: (…, m, r) coordinates of L

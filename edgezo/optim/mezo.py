@@ -26,4 +26,4 @@ class MeZO:
         pass
 
     def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        return lr * grad
+        return grad.mul_(lr)

@@ -74,7 +74,7 @@ class ZOMOPI:
         m = state["momentum"].mul_(self.beta).add_(grad, alpha=1 - self.beta)
         o, v = streaming_power_iteration(m, state["v"], state["v"].shape[-1])
         state["v"] = v.to(self._dtype)
-        return lr * o
+        return o.mul_(lr)
 
 
 def released() -> ZOMOPI:

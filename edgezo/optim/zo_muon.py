@@ -36,4 +36,4 @@ class ZOMuon:
         target.left = haar_basis(target.out_features, target.left.shape[1], seed, target.device)
 
     def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
-        return lr * ORTHOGONALIZERS[self.orthogonalizer](grad)
+        return ORTHOGONALIZERS[self.orthogonalizer](grad).mul_(lr)

@@ -9,7 +9,13 @@ makes bugs B1-B3 of the released code impossible here).
 
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Hashable, Iterable, Iterator, TypeVar
+
 import torch
+
+T = TypeVar("T")
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,3 +39,42 @@ def gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str = "cp
     """An fp32 N(0, I) tensor drawn from a fresh generator seeded with `seed`."""
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+def draw_workers(devices: Iterable[torch.device]) -> int:
+    """Threads that draw in parallel (drawn_in_parallel) for probes living on `devices`: on CPU one per
+    core torch uses, as torch draws a tensor's Gaussians on one core; none on accelerators (draws are
+    kernels queued in order) or when torch is held to one thread."""
+    devices = list(devices)
+    cpu_only = bool(devices) and all(torch.device(d).type == "cpu" for d in devices)
+    threads = torch.get_num_threads()
+    return threads if cpu_only and threads > 1 else 0
+
+
+@contextlib.contextmanager
+def drawn_in_parallel(jobs: dict[Hashable, Callable[[], T]], workers: int) -> Iterator[Callable[[Hashable], T]]:
+    """Yields take(key) -> jobs[key](). A take whose job has not run yet runs it together with the next
+    `workers` - 1 jobs (in the dict's order), one per worker thread, and waits for all of them: the
+    caller's cores draw side by side, and never while the caller computes (a busy extra thread would
+    stall torch's own intra-op threads). Each job owns its generator, so what it returns does not
+    depend on the thread. A key taken twice runs its job again; workers = 0 runs every job at its take."""
+    if workers <= 0:
+        yield lambda key: jobs[key]()
+        return
+    keys = list(jobs)
+    position = {key: i for i, key in enumerate(keys)}
+    started: set[Hashable] = set()
+    ready: dict[Hashable, T] = {}
+    with ThreadPoolExecutor(workers, thread_name_prefix="edgezo-draw") as pool:
+
+        def take(key: Hashable) -> T:
+            if key in ready:
+                return ready.pop(key)
+            if key in started:
+                return jobs[key]()
+            batch = [k for k in keys[position[key]:] if k not in started][:workers]
+            started.update(batch)
+            ready.update(zip(batch, pool.map(lambda k: jobs[k](), batch)))
+            return ready.pop(key)
+
+        yield take
