@@ -59,7 +59,11 @@ case $stage in
              --profile 2>&1 | grep -v Warn > $OUT/speed_opt67_b${b}_profile.log
            python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch $b --seq 128 \
              --optimizers zo-mopi --state-dtypes fp16 2>&1 | tee $OUT/memory_opt67_b$b.log | tail -n 4
-         done ;;
+         done
+         echo "== .carry_base memory, batch 1"  # the memory before, on the same card
+         PYTHONPATH=/tmp/site:$PWD/.carry_base python3 .carry_base/bench/memory.py --device cuda --shape opt-6.7b \
+           --precision fp16 --batch 1 --seq 128 --optimizers zo-mopi --state-dtypes fp16 2>&1 \
+           | tee $OUT/memory_opt67_b1_base.log | tail -n 4 ;;
   nf4)   # bitsandbytes nf4 bases: speed at both shapes, memory at OPT-6.7B (fp16 beside it, M and V fp16 too)
          for shape in opt-1.3b opt-6.7b; do
            python3 bench/speed.py --device cuda --shape $shape --precision bnb-nf4 --batch 1,32 --seq 128 --repeats 3 \
