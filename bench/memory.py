@@ -192,7 +192,7 @@ def _phases(args, precision: str, batch: int) -> list[dict]:
         out.append(dict(base, kind="tune", optimizer=name, fuse=args.fuse, label=f"tune {name}"))
     for dtype in args.state_dtypes:
         out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=args.fuse, settings=dict(state_dtype=dtype),
-                        label=f"tune zo-mopi ({dtype} M, V)"))
+                        label=f"tune zo-mopi ({dtype} state)"))
     if args.fused_row and precision == args.precisions[0] and "zo-mopi" in args.optimizers and args.fuse is not None:
         out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=None, label="tune zo-mopi (fuse=all)"))
     return out
@@ -330,8 +330,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--fuse", default="1", help="slices per forward for the tune rows: an integer or 'all'")
     ap.add_argument("--no-fused-row", dest="fused_row", action="store_false",
                     help="skip the extra zo-mopi fuse=all row (first precision only)")
-    ap.add_argument("--state-dtypes", default="", help="extra zo-mopi rows with momentum and V stored in these "
-                    "dtypes, comma-separated (bf16, fp16)")
+    ap.add_argument("--state-dtypes", default="", help="extra zo-mopi rows with its basis P, momentum M and V "
+                    "stored in these dtypes (state_dtype), comma-separated (bf16, fp16)")
     ap.add_argument("--no-nocache", action="store_true", help="skip the use_cache=False inference row")
     ap.add_argument("--no-streaming", dest="streaming", action="store_false")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per phase (CPU)")

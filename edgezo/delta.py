@@ -88,7 +88,7 @@ class DeltaTarget:
     def probe_direction(self, coords: torch.Tensor) -> torch.Tensor:
         """The m×n weight-space direction of probe (or update) coordinates."""
         if self.side == "right":
-            return self.left @ coords
+            return self.left.to(coords.dtype) @ coords  # (P may be stored in half precision)
         if self.side == "left":
             return coords @ self.right
         return coords
@@ -97,7 +97,7 @@ class DeltaTarget:
         """The dense m×n update accumulated in the current window."""
         if self.side == "full":
             return self.dense.clone()
-        return self.left @ self.right
+        return self.left.to(self.right.dtype) @ self.right
 
     def weight_delta(self) -> torch.Tensor:
         """The whole dense m×n delta: adapter plus current window (for export and tests)."""
@@ -116,7 +116,8 @@ class DeltaTarget:
         """
         if self.side == "full":
             return 0.0
-        b = self.left if self.lora_B is None else torch.cat([self.lora_B, self.left], dim=1)
+        left = self.left.to(self.right.dtype)
+        b = left if self.lora_B is None else torch.cat([self.lora_B, left], dim=1)
         a = self.right if self.lora_A is None else torch.cat([self.lora_A, self.right], dim=0)
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.T)

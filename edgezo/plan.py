@@ -229,19 +229,19 @@ def _has_adapter(s: Settings) -> bool:
 def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     """(optimizer state, adapter, forward probe tensors, update transient) bytes.
 
-    State is fp32, except zo-mopi's M and V at state_dtype. A hooked Linear's forward holds its fp32
+    State is fp32, except zo-mopi's P, M and V at state_dtype. A hooked Linear's forward holds its fp32
     probe block (DeltaTarget.probe_chunks) and the slices' perturbed factors in the compute dtype; the
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
     the stacked Ĝ and state, and about as much in temporaries, plus one probe block.
     """
     state = adapter = forward = update = 0
-    mv_scale = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0
+    half = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0  # P, M and V at state_dtype
     chunk_bytes = update_chunk_bytes(torch.device(s.device_type))
     groups: dict[tuple[int, int], list[int]] = {}  # probe shape -> fp32 working bytes of each target
     for m, n in a.targets:
         r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)
         k = min(s.k, r, n)
-        state += {"zo-mopi": m * r + r * n + mv_scale * (r * n + n * k), "zo-muon": m * r + r * n,
+        state += {"zo-mopi": r * n + half * (m * r + r * n + n * k), "zo-muon": m * r + r * n,
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))

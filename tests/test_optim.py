@@ -325,12 +325,13 @@ def test_nonfinite_loss_is_reported():
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_half_state_keeps_momentum_and_v_in_that_dtype_and_follows_fp32(dtype):
+def test_half_state_keeps_basis_momentum_and_v_in_that_dtype_and_follows_fp32(dtype):
     _, opt, _ = _run("zo-mopi", tiny("llama"), 5, state_dtype=dtype, interval=2)  # through two refreshes
     want = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     assert all(st["momentum"].dtype == want and st["v"].dtype == want for st in opt.state.per_target)
+    assert all(t.left.dtype == want for t in opt.targets)  # the basis P too, through refreshes
     assert all(t.right.dtype == torch.float32 for t in opt.targets)  # the coordinates accumulate in fp32
-    # Before a refresh the steps are fp32's up to M's and V's rounding. (After one, the anchored basis follows
+    # Before a refresh the steps are fp32's up to P's, M's and V's rounding. (After one, the anchored basis follows
     # the momentum's top singular vectors, which rounding can rotate within a cluster of close singular values.)
     full, half = (_run("zo-mopi", tiny("llama"), 3, state_dtype=d)[0] for d in ("fp32", dtype))
     for a, b in zip(full.targets, half.targets):

@@ -248,10 +248,11 @@ if __name__ == "__main__":  # the calibration table; the tiny case's residual is
             print(f"{'':26} measured runtime = {(measured - p.peak_bytes + p.items['runtime']) / M:.1f} MiB")
 
 
-def test_state_dtype_halves_momentum_and_v_and_is_searched():
+def test_state_dtype_halves_basis_momentum_and_v_and_is_searched():
     base = Settings(optimizer="zo-mopi", rank=64, k=32)
     full, half = plan(SMOL, base), plan(SMOL, dataclasses.replace(base, state_dtype="bf16"))
-    saved = sum(2 * (64 * n + n * 32) for _, n in anatomy(SMOL).targets)  # M (r×n) and V (n×k): 2 bytes less each
+    # P (m×r), M (r×n) and V (n×k): 2 bytes less per element
+    saved = sum(2 * (m * 64 + 64 * n + n * 32) for m, n in anatomy(SMOL).targets)
     assert full.items["optimizer_state"] - half.items["optimizer_state"] == saved
     choose = {"state_dtype": ["fp32", "bf16"]}
     assert largest_fitting(SMOL, (full.peak_bytes + half.peak_bytes) // 2, choose, base).state_dtype == "bf16"

@@ -36,15 +36,15 @@ class ZOMOPI:
     interval: int = 100
     anchored: bool = True  # paper: refresh keeps the momentum's top-k directions; released: Haar
     carry_v: bool = True  # paper: power-iteration state survives a refresh; released: reset
-    state_dtype: str = "fp32"  # M and V as stored; "bf16"/"fp16" halve them (the math stays fp32)
+    state_dtype: str = "fp32"  # P, M and V as stored; "bf16"/"fp16" halve them (the math stays fp32, C is fp32)
     name: str = "zo-mopi"
     side: str = "right"
 
     def init(self, target: DeltaTarget, state: dict, seed: int) -> None:
         m, n = target.out_features, target.in_features
         r = min(self.rank, m)
-        target.left = haar_basis(m, r, seed, target.device)
-        target.right = torch.zeros(r, n, device=target.device)
+        target.left = haar_basis(m, r, seed, target.device).to(self._dtype)
+        target.right = torch.zeros(r, n, device=target.device)  # C accumulates every step: always fp32
         state["momentum"] = torch.zeros(r, n, device=target.device, dtype=self._dtype)
         state["v"] = self._random_v(target, r, seed)
 
@@ -60,12 +60,13 @@ class ZOMOPI:
         return v.to(self._dtype)
 
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
-        p_old, r = target.left, target.left.shape[1]
+        p_old, r = target.left.float(), target.left.shape[1]
         if self.anchored:
             p_new = anchored_basis(p_old, state["momentum"], self.k, seed)
         else:
             p_new = haar_basis(target.out_features, r, seed, target.device)
-        state["momentum"] = reproject(p_new, p_old, state["momentum"].float()).to(self._dtype)
+        p_new = p_new.to(self._dtype)  # M is re-expressed in the basis as stored, the one the forward uses
+        state["momentum"] = reproject(p_new.float(), p_old, state["momentum"].float()).to(self._dtype)
         if not self.carry_v:
             state["v"] = self._random_v(target, r, seed)
         target.left = p_new
