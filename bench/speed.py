@@ -116,8 +116,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
 
 
 def _profile(opt, loss, tune, device: str, log) -> None:
-    """Where one fused step's time goes: its forward and update parts (synced medians of 5), then the ops
-    with the most self time, and how many ops run."""
+    """Where one fused step's time goes: its forward and update parts (synced medians of 5; on CPU also the
+    update without its worker threads), then the ops with the most self time, and how many ops run."""
     from torch.profiler import ProfilerActivity, profile
 
     from edgezo.zo import estimators
@@ -128,6 +128,15 @@ def _profile(opt, loss, tune, device: str, log) -> None:
     forward = C.median([C.timed(lambda: opt.evaluate(loss, tune, plan, t), device) for _ in range(5)])
     update = C.median([C.timed(lambda: opt.apply_update(g, t), device) for _ in range(5)])
     log(f"  fused step parts: forward of all slices {forward:.4f}s, update {update:.4f}s")
+    if device == "cpu":  # the update draws probe blocks on worker threads (edgezo.optim.base._probe_blocks)
+        from edgezo.optim import base
+
+        threaded, base.draw_workers = base.draw_workers, lambda devices: 0
+        try:
+            inline = C.median([C.timed(lambda: opt.apply_update(g, t), device) for _ in range(5)])
+        finally:
+            base.draw_workers = threaded
+        log(f"  update with every probe block drawn in the calling thread: {inline:.4f}s")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         opt.step(loss, tune)

@@ -88,7 +88,7 @@ def tune(
         None, "--train-1d/--no-train-1d", help="also train biases and norms (full-space probes; default off)"),
     lr_1d: Optional[float] = typer.Option(None, "--lr-1d", help="learning rate of biases and norms (default 1e-5)"),
     state_dtype: Optional[str] = typer.Option(
-        None, help="zo-mopi: fp32 | bf16 | fp16, how momentum and power-iteration state are stored (default fp32)"),
+        None, help="zo-mopi: fp32 | bf16 | fp16, how its basis, momentum and power-iteration state are stored (default fp32)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),

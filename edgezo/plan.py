@@ -72,7 +72,7 @@ class Settings:
     streaming: bool = False
     adapter_rank: int = 64
     train_1d: bool = False  # also train biases and norms (ZOConfig.train_1d)
-    state_dtype: str = "fp32"  # zo-mopi: how M and V are stored (ZOMOPI.state_dtype)
+    state_dtype: str = "fp32"  # zo-mopi: how P, M and V are stored (ZOMOPI.state_dtype)
     loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
 
     @property
