@@ -246,15 +246,19 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))
         probe = shape[0] * shape[1]
-        block = 4 * probe * min(s.n_probes, max(1, PROBE_BLOCK_ELEMENTS // probe))
         perturbed = 0 if s.optimizer == "mezo" else s.slices_per_forward * probe * b  # mezo: add_probes
-        forward = max(forward, block + perturbed)
+        forward = max(forward, _block_bytes(probe, s.n_probes) + perturbed)
         groups.setdefault(shape, []).append(4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
-        update = max(update, block)
-    for sizes in groups.values():
-        update = max(update, 2 * max(sizes[0], min(chunk_bytes, sum(sizes))) + block)
+    for (rows, cols), sizes in groups.items():
+        chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
+        update = max(update, 2 * chunk + _block_bytes(rows * cols, s.n_probes))
     state += a.vector_elems if s.train_1d else 0
     return int(4 * state), 4 * adapter, forward, update
+
+
+def _block_bytes(probe: int, n_probes: int) -> int:
+    """One fp32 block of a target's probes (DeltaTarget.probe_chunks): as many as fit PROBE_BLOCK_ELEMENTS."""
+    return 4 * probe * min(n_probes, max(1, PROBE_BLOCK_ELEMENTS // probe))
 
 
 def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from edgezo.errors import EdgezoError
+from edgezo.optim.base import UPDATE_CHUNK_BYTES
 from edgezo.plan import (PRECISIONS, PRIORITY, RUNTIME_BYTES, Settings, anatomy, largest_fitting, load_config,
                          pin_heap_threshold, plan)
 from edgezo.runtime.memory import peak_rss_of_child
@@ -261,3 +262,14 @@ def test_state_dtype_halves_basis_momentum_and_v_and_is_searched():
     assert Settings(state_dtype="bf16").optimizer_kwargs()["state_dtype"] == "bf16"
     with pytest.raises(EdgezoError, match="state_dtype"):
         plan(SMOL, dataclasses.replace(base, state_dtype="int8"))
+
+
+def test_update_item_counts_the_update_chunk_beyond_a_small_forward():
+    """At batch 1 the update (stacked Ĝ and state of one chunk, fp32, and as much again in temporaries)
+    outgrows the forward's transients; a GPU's larger chunks (update_chunk_bytes) cost more."""
+    small = dict(optimizer="zo-mopi", rank=64, k=32, batch_size=1, seq_len=16, fuse=1, loss="scored")
+    cpu, cuda = plan(SMOL, Settings(**small)), plan(SMOL, Settings(**small, device="cuda"))
+    forward = sum(cpu.items[k] for k in ("activations", "logits", "probes"))
+    assert cpu.items["update"] > 0
+    assert forward + cpu.items["update"] >= 2 * UPDATE_CHUNK_BYTES  # one full chunk of the largest group, twice
+    assert cuda.items["update"] > cpu.items["update"]

@@ -218,8 +218,8 @@ def _probe_blocks(targets: list[DeltaTarget], step_seed: int, n_probes: int,
 
     On CPU the update draws several targets' blocks side by side on worker threads, in `order`
     (edgezo.zo.probes.drawn_in_parallel): torch draws a tensor's Gaussians on one core, and here the
-    draws are nearly all the work. (Not in the forward: there, torch's own threads still spin on
-    the cores after each matmul, and drawing beside them was measured slower.) Full-space (MeZO)
+    draws are nearly all the work. (Not in the forward, where it was measured slower: the matmuls
+    between the draws keep torch's own threads on the cores; docs/benchmarks.md.) Full-space (MeZO)
     blocks, each the size of its weight, always come one at a time.
     """
     by_index = {t.index: t for t in targets}

@@ -55,9 +55,9 @@ def draw_workers(devices: Iterable[torch.device]) -> int:
 def drawn_in_parallel(jobs: dict[Hashable, Callable[[], T]], workers: int) -> Iterator[Callable[[Hashable], T]]:
     """Yields take(key) -> jobs[key](). A take whose job has not run yet runs it together with the next
     `workers` - 1 jobs (in the dict's order), one per worker thread, and waits for all of them: the
-    caller's cores draw side by side, and never while the caller computes (a busy extra thread would
-    stall torch's own intra-op threads). Each job owns its generator, so what it returns does not
-    depend on the thread. A key taken twice runs its job again; workers = 0 runs every job at its take."""
+    caller's cores draw side by side, and never while the caller's own torch ops run (drawing beside
+    them was measured slower). Each job owns its generator, so what it returns does not depend on the
+    thread. A key taken twice runs its job again; workers = 0 runs every job at its take."""
     if workers <= 0:
         yield lambda key: jobs[key]()
         return
@@ -72,9 +72,9 @@ def drawn_in_parallel(jobs: dict[Hashable, Callable[[], T]], workers: int) -> It
                 return ready.pop(key)
             if key in started:
                 return jobs[key]()
-            batch = [k for k in keys[position[key]:] if k not in started][:workers]
-            started.update(batch)
-            ready.update(zip(batch, pool.map(lambda k: jobs[k](), batch)))
+            group = [k for k in keys[position[key]:] if k not in started][:workers]
+            started.update(group)
+            ready.update(zip(group, pool.map(lambda k: jobs[k](), group)))
             return ready.pop(key)
 
         yield take
