@@ -206,8 +206,8 @@ def minimal_lm_loss(logit_elements: int = 1 << 23):
     """A minimal equivalent of edgezo.data.make_loss for `lm` rows (every token after the first scored).
 
     The same computation (decoder on every position, LM head on chunks of positions, mean token
-    cross-entropy per row, mean per slice) with two memory fixes: chunks of at most `logit_elements` fp32
-    logits (data.py: 2**25), and each chunk made contiguous before the head. A strided 3-D input (what
+    cross-entropy per row, mean per slice), in chunks of at most `logit_elements` fp32 logits (data.py:
+    2**23, normalized in place there), each made contiguous before the head. A strided 3-D input (what
     `h.split(chunk, 1)` gives once there are two chunks or more) makes CPU bf16 matmul broadcast the
     head's weight over the rows: rows x vocab x hidden bytes (445 MiB for SmolLM2 at 8 rows).
     """

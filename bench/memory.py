@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
                     help="tune loss: edgezo.data.make_loss (default), or bench.common.minimal_lm_loss, the same "
                          "computation with contiguous LM-head chunks of --logit-elements (default 2**23)")
     ap.add_argument("--logit-elements", type=int, help="fp32 logits per LM-head call of the tune loss (edgezo: "
-                    "overrides edgezo.data._LOGIT_ELEMENTS, 2**25)")
+                    "overrides edgezo.data._LOGIT_ELEMENTS, 2**23)")
     args = ap.parse_args(argv)
     args.vocab = args.vocab or C.VOCAB.get(args.shape)
     args.optimizers = [o for o in args.optimizers.split(",") if o]

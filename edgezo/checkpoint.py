@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -67,7 +68,7 @@ def state_hash(delta: DeltaModel, opt: ZOOptimizer) -> str:
     h = hashlib.sha256(str(opt.state.step).encode())
     for key, value in sorted({**delta.state_dict(), **opt.state_dict()["tensors"]}.items()):
         h.update(key.encode())
-        h.update(value.detach().contiguous().cpu().numpy().tobytes())
+        h.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes: numpy has no bf16
     return h.hexdigest()[:16]
 
 def truncate_jsonl(path: Path, max_step: int) -> None:

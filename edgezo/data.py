@@ -37,8 +37,8 @@ TASKS = ("classify", "complete", "lm")
 FIELDS = {"classify": ("text", "label"), "complete": ("prompt", "completion"), "lm": ("text",)}
 SUPPORTED = (".jsonl", ".csv", ".txt")
 DEFAULT_TEMPLATE = "{text}\nAnswer:"
-# fp32 logits per lm_head call (32 MiB), whatever the rows and vocab; every row is in each call, so a GPU
-# still reads the head's weights once per (rows × a few positions) at least
+# fp32 logits per lm_head call (32 MiB), or one position of every row if that is more: every row is in
+# each call, so a GPU still reads the head's weights once per (rows × a few positions) at least
 _LOGIT_ELEMENTS = 1 << 23
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor], int], torch.Tensor]

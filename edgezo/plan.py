@@ -11,8 +11,8 @@ runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the C
     is alive too.
   - logits: what the LM head and the loss add above that. "full": model(ids).logits + cross-entropy
     over all positions = logits, shifted copy, log_softmax (fp32). "scored": edgezo.data's loss (no
-    KV cache, lm_head on every row and a few positions per call, ≤ 32 MiB of fp32 logits, normalized in
-    place) = one fp32 chunk (and the head's half-precision output) + 2 hidden states.
+    KV cache, lm_head on every row and a few positions per call, ≤ 32 MiB of fp32 logits or one position
+    of every row, normalized in place) = one fp32 chunk (and the head's half-precision output) + 2 hidden states.
   - probes: one hooked Linear's fp32 probe block and its slices' perturbed factors.
   - update: what the update (fp32, one chunk of same-shape targets) needs beyond the forward's
     transients, which are freed by then.
@@ -36,8 +36,9 @@ from edgezo.delta import DEFAULT_TARGETS, PROBE_BLOCK_ELEMENTS
 from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.optim import DEFAULTS, OPTIMIZERS
-from edgezo.optim.base import update_chunk_bytes
+from edgezo.optim.base import UPDATE_CHUNK_BYTES, update_chunk_bytes
 from edgezo.vector_delta import find_vectors
+from edgezo.zo.probes import MAX_DRAW_WORKERS
 
 GiB = 1 << 30
 # Baseline of the process before any model tensor. cpu: RSS of python + torch + transformers + edgezo
@@ -232,7 +233,8 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     State is fp32, except zo-mopi's P, M and V at state_dtype. A hooked Linear's forward holds its fp32
     probe block (DeltaTarget.probe_chunks) and the slices' perturbed factors in the compute dtype; the
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
-    the stacked Ĝ and state, and about as much in temporaries, plus one probe block.
+    the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
+    together (on CPU, up to UPDATE_CHUNK_BYTES of them).
     """
     state = adapter = forward = update = 0
     half = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0  # P, M and V at state_dtype
@@ -246,14 +248,26 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))
         probe = shape[0] * shape[1]
-        perturbed = 0 if s.optimizer == "mezo" else s.slices_per_forward * probe * b  # mezo: add_probes
+        if s.optimizer == "mezo":  # add_probes: the block again in the compute dtype, below fp32
+            perturbed = _block_bytes(probe, s.n_probes) * b // 4 if b < 4 else 0
+        else:  # the slices' perturbed factors
+            perturbed = s.slices_per_forward * probe * b
         forward = max(forward, _block_bytes(probe, s.n_probes) + perturbed)
         groups.setdefault(shape, []).append(4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
-        update = max(update, 2 * chunk + _block_bytes(rows * cols, s.n_probes))
+        drawn = _block_bytes(rows * cols, s.n_probes)
+        if s.device_type == "cpu" and s.optimizer != "mezo":  # whole probe sets drawn together (base._probe_blocks)
+            probe_set = 4 * rows * cols * s.n_probes
+            drawn = probe_set * max(1, min(MAX_DRAW_WORKERS, UPDATE_CHUNK_BYTES // probe_set))
+        update = max(update, UPDATE_WORKING[s.optimizer] * chunk + drawn)
     state += a.vector_elems if s.train_1d else 0
     return int(4 * state), 4 * adapter, forward, update
+
+
+# The update's working memory in chunks (stacked Ĝ and state, then the method's temporaries): ZO-MOPI's
+# power iteration about doubles it, Newton–Schulz holds about five of it, LOZO and MeZO scale Ĝ in place.
+UPDATE_WORKING = {"zo-mopi": 2, "zo-muon": 5, "lozo": 1, "mezo": 1}
 
 
 def _block_bytes(probe: int, n_probes: int) -> int:
@@ -327,7 +341,7 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
 
 
 # largest_fitting's search order, most important first. streaming prefers False (it is slower);
-# state_dtype comes after rank (a larger rank with bf16 momentum beats fp32 momentum at a smaller one);
+# state_dtype comes after rank (a larger rank with bf16 state beats fp32 state at a smaller one);
 # fuse None (every slice in one forward) counts as largest: fuse only trades memory for speed.
 PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
 

@@ -116,12 +116,12 @@ def test_plan_json_is_one_object(files):
     assert "fits" in ok("plan", model, "--profile", "ci-2core").stdout
 
 
-def test_plan_names_a_half_precision_momentum(files, tmp_path):
+def test_plan_names_a_half_precision_state(files, tmp_path):
     _, model, _, _ = files
     toml = (ROOT / "profiles" / "ci-2core.toml").read_text().replace('name = "ci-2core"', 'name = "half-state"')
     profile = tmp_path / "half-state.toml"
     profile.write_text(toml + '\n[fixed]\nstate_dtype = "bf16"\n')
-    assert "bf16 momentum" in ok("plan", model, "--profile", profile).stdout
+    assert "bf16 state" in ok("plan", model, "--profile", profile).stdout
     assert json.loads(ok("plan", model, "--profile", profile, "--json").stdout)["settings"]["state_dtype"] == "bf16"
 
 

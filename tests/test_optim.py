@@ -344,3 +344,13 @@ def test_unknown_state_dtype_is_an_error():
 
     with pytest.raises(EdgezoError, match="state_dtype 'int8'"):
         _run("zo-mopi", tiny("llama"), 1, state_dtype="int8")
+
+
+def test_state_hash_covers_half_precision_state():
+    """Replicas compare state_hash (edgezo.distributed); bf16 P, M and V must hash like any tensor."""
+    from edgezo.checkpoint import state_hash
+
+    a, b = (_run("zo-mopi", tiny("llama"), 2, state_dtype="bf16")[:2] for _ in range(2))
+    assert state_hash(*a) == state_hash(*b)
+    a[1].step(lm_loss, token_batch())
+    assert state_hash(*a) != state_hash(*b)

@@ -169,7 +169,8 @@ class ZOOptimizer:
         for each chunk of same-shape targets (_update_chunks). Advances the step."""
         step_seed, scaled = self.step_seed(t), g.float() / len(g)
         chunks = self._update_chunks()
-        with _probe_blocks(self.targets, step_seed, len(g), [i for chunk in chunks for i in chunk]) as blocks_of:
+        order = [self.targets[i].index for chunk in chunks for i in chunk]
+        with _probe_blocks(self.targets, step_seed, len(g), order) as blocks_of:
             for chunk in chunks:
                 targets = [self.targets[i] for i in chunk]
                 states = [self.state.per_target[i] for i in chunk]
@@ -219,8 +220,9 @@ def _probe_blocks(targets: list[DeltaTarget], step_seed: int, n_probes: int,
     On CPU the update draws several targets' blocks side by side on worker threads, in `order`
     (edgezo.zo.probes.drawn_in_parallel): torch draws a tensor's Gaussians on one core, and here the
     draws are nearly all the work. (Not in the forward, where it was measured slower: the matmuls
-    between the draws keep torch's own threads on the cores; docs/benchmarks.md.) Full-space (MeZO)
-    blocks, each the size of its weight, always come one at a time.
+    between the draws keep torch's own threads on the cores; docs/benchmarks.md.) The targets drawn
+    together hold at most MAX_DRAW_WORKERS probe sets and UPDATE_CHUNK_BYTES of them (or one target's).
+    Full-space (MeZO) blocks, each the size of its weight, always come one at a time.
     """
     by_index = {t.index: t for t in targets}
 
@@ -231,7 +233,9 @@ def _probe_blocks(targets: list[DeltaTarget], step_seed: int, n_probes: int,
         return list(lazy(index))
 
     workers = draw_workers(t.device for t in targets) if all(t.side != "full" for t in targets) else 0
-    if workers == 0:
+    largest = max((4 * n_probes * math.prod(t.probe_shape()) for t in targets), default=1)
+    workers = min(workers, UPDATE_CHUNK_BYTES // largest)
+    if workers <= 1:
         yield lazy
         return
     with drawn_in_parallel({i: functools.partial(drawn, i) for i in order}, workers) as take:

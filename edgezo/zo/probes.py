@@ -41,13 +41,17 @@ def gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str = "cp
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
 
+# Draw threads at most: each holds a probe set in memory (measured on 2 cores; more were not measured).
+MAX_DRAW_WORKERS = 4
+
+
 def draw_workers(devices: Iterable[torch.device]) -> int:
     """Threads that draw in parallel (drawn_in_parallel) for probes living on `devices`: on CPU one per
-    core torch uses, as torch draws a tensor's Gaussians on one core; none on accelerators (draws are
-    kernels queued in order) or when torch is held to one thread."""
+    core torch uses, as torch draws a tensor's Gaussians on one core, up to MAX_DRAW_WORKERS; none on
+    accelerators (draws are kernels queued in order) or when torch is held to one thread."""
     devices = list(devices)
     cpu_only = bool(devices) and all(torch.device(d).type == "cpu" for d in devices)
-    threads = torch.get_num_threads()
+    threads = min(torch.get_num_threads(), MAX_DRAW_WORKERS)
     return threads if cpu_only and threads > 1 else 0
 
 
