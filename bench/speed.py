@@ -77,9 +77,15 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
         with C.plain(opt.delta), torch.inference_mode():
             model(input_ids=stacked_ids, use_cache=False).logits
 
-    def step(fuse):
+    graphed = None
+    if args.cuda_graph:  # the same optimizer, its update replayed as a CUDA graph in the "graphed" rounds
+        from edgezo.optim.graphed import GraphedUpdate
+
+        graphed = GraphedUpdate(opt)
+
+    def step(fuse, graph=False):
         def run():
-            opt.config.fuse = fuse
+            opt.config.fuse, opt.graphed = fuse, graphed if graph else None
             opt.step(loss, tune)
 
         return run
@@ -87,6 +93,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     variants = {"forward": forward, "fused": step(None), "separate": step(1)}
     if args.stacked:
         variants["stacked"] = stacked
+    if graphed is not None:
+        variants["graphed"] = step(None, graph=True)
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.repeats):
         last = {name: C.timed(fn, dev) for name, fn in variants.items()}
@@ -95,8 +103,11 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
                 times[name].append(t)
         log(f"  {precision} {batch}x{seq} round {r + 1}/{args.warmup + args.repeats}"
             f"{' (warm-up)' if r < args.warmup else ''}: " + ", ".join(f"{k} {t:.3f}s" for k, t in last.items()))
+    if graphed is not None:
+        log(f"  fused step with the update replayed as a CUDA graph: {C.median(times['graphed']):.4f}s = "
+            f"{C.median(times['graphed']) / C.median(times['forward']):.2f} x forward")
     if args.profile:
-        opt.config.fuse = None
+        opt.config.fuse, opt.graphed = None, None
         _profile(opt, loss, tune, dev, log)
     opt.delta.detach()
     med = {k: C.median(v) for k, v in times.items()}
@@ -108,6 +119,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
                fused_over_forward=med["fused"] / med["forward"], fusion_speedup=med["separate"] / med["fused"],
                inference_tokens_per_s=tokens / med["forward"], fused_tokens_per_s=tokens / med["fused"],
                separate_tokens_per_s=tokens / med["separate"],
+               graphed_s=med.get("graphed"),
+               graphed_over_forward=med["graphed"] / med["forward"] if "graphed" in med else None,
                samples={k: [round(x, 4) for x in v] for k, v in times.items()})
     tgt = _target(dev, batch, n_slices, med["forward"], med["fused"])
     if tgt:
@@ -166,6 +179,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 cpu, 5 cuda)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     ap.add_argument("--profile", action="store_true", help="print the op profile of one fused step")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time the fused step with its update replayed "
+                    "as a CUDA graph (ZOConfig.cuda_graph)")
     ap.add_argument("--no-stacked", dest="stacked", action="store_false",
                     help="skip timing the bare model on the (N+1)x stacked batch (the fused step's floor)")
     args = ap.parse_args(argv)

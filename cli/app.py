@@ -89,6 +89,9 @@ def tune(
     lr_1d: Optional[float] = typer.Option(None, "--lr-1d", help="learning rate of biases and norms (default 1e-5)"),
     state_dtype: Optional[str] = typer.Option(
         None, help="zo-mopi: fp32 | bf16 | fp16, how its basis, momentum and power-iteration state are stored (default fp32)"),
+    cuda_graph: Optional[bool] = typer.Option(
+        None, "--cuda-graph/--no-cuda-graph", help="replay the update as one CUDA graph: faster at small batches, "
+        "and its memory stays allocated (default off)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
@@ -106,7 +109,7 @@ def tune(
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
         device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
-        batch_size=batch_size, max_length=max_length, eval_every=eval_every, eval_data=eval_data, template=template,
+        cuda_graph=cuda_graph, batch_size=batch_size, max_length=max_length, eval_every=eval_every, eval_data=eval_data, template=template,
         checkpoint_every=checkpoint_every).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
@@ -165,7 +168,8 @@ def _resolve(profile: str, model, flags: dict | None = None):
     from edgezo import profiles
 
     names = {"optimizer": "optimizer", "batch_size": "batch_size", "max_length": "seq_len",
-             "precision": "precision", "device": "device", "train_1d": "train_1d", "state_dtype": "state_dtype"}
+             "precision": "precision", "device": "device", "train_1d": "train_1d", "state_dtype": "state_dtype",
+             "cuda_graph": "cuda_graph"}
     overrides = {names[k]: v for k, v in (flags or {}).items() if k in names}
     p = profiles.load_profile(profile)
     return (p, *profiles.resolve(p, model, overrides={**TUNE_RUNS, **overrides}))
@@ -193,7 +197,8 @@ def _tune_config(model: str, profile: str | None, flags: dict):
         cfg.template = flags["template"].replace("\\n", "\n")
     if "eval_data" in flags:
         cfg.eval_data = str(flags["eval_data"])
-    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype") if k in flags}}
+    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype", "cuda_graph")
+                                 if k in flags}}
     if "lr_1d" in flags and not cfg.optim.get("train_1d"):
         raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")
     return cfg, precision, device

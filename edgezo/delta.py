@@ -71,12 +71,15 @@ class DeltaTarget:
         generator set-up and one kernel for all of a step's probes of a small target, and no draw
         of another target, block or purpose (a basis refresh) can shift its stream.
         """
+        for first, count, seed in self.probe_seeds(step_seed, n_probes):
+            yield first, gaussian((count, *self.probe_shape()), seed, device)
+
+    def probe_seeds(self, step_seed: int, n_probes: int) -> list[tuple[int, int, int]]:
+        """(index of the first probe, probe count, seed) of each block probe_chunks draws."""
         shape = self.probe_shape()
         per_block = max(1, PROBE_BLOCK_ELEMENTS // (shape[0] * shape[1]))
-        for first in range(0, n_probes, per_block):
-            k = min(per_block, n_probes - first)
-            seed = derive_seed(step_seed, self.index, first // per_block, PROBE)
-            yield first, gaussian((k, *shape), seed, device)
+        return [(first, min(per_block, n_probes - first), derive_seed(step_seed, self.index, first // per_block, PROBE))
+                for first in range(0, n_probes, per_block)]
 
     def probe(self, step_seed: int, n_probes: int, i: int, device: torch.device) -> torch.Tensor:
         """Probe i of the step's N (the same numbers the forward and the update use)."""

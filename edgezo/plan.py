@@ -74,6 +74,7 @@ class Settings:
     adapter_rank: int = 64
     train_1d: bool = False  # also train biases and norms (ZOConfig.train_1d)
     state_dtype: str = "fp32"  # zo-mopi: how P, M and V are stored (ZOMOPI.state_dtype)
+    cuda_graph: bool = False  # the update replayed as a CUDA graph (ZOConfig.cuda_graph): its pool stays allocated
     loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
 
     @property
@@ -96,7 +97,8 @@ class Settings:
             out["state_dtype"] = self.state_dtype
         out |= {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
                 "adapter_rank": self.adapter_rank}
-        return out | ({"train_1d": True} if self.train_1d else {})  # only when on: older runs keep their settings
+        # only when on: older runs keep their settings
+        return out | ({"train_1d": True} if self.train_1d else {}) | ({"cuda_graph": True} if self.cuda_graph else {})
 
 
 @dataclass
@@ -203,6 +205,8 @@ def _validate(s: Settings) -> None:
         value, low = getattr(s, key), 0 if key in ("interval", "adapter_rank") else 1
         if not (key == "fuse" and value is None) and not (type(value) is int and value >= low):
             raise EdgezoError(f"invalid setting {key}={value!r}; use an integer >= {low}")
+    if s.cuda_graph and s.device_type != "cuda":
+        raise EdgezoError(f"invalid setting: cuda_graph on {s.device}; CUDA graphs need device cuda")
     if s.streaming and s.precision in QUANT_BYTES:
         raise EdgezoError(f"invalid setting: streaming with {s.precision}; stream fp32, fp16 or bf16 weights only")
 
@@ -312,7 +316,8 @@ def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> M
     activations, logits = _transients(a, s, b)
     items = {"runtime": RUNTIME_BYTES[s.device_type] if runtime is None else runtime, "weights": weights,
              "activations": activations, "logits": logits, "probes": probes,
-             "update": max(0, update - activations - logits - probes),  # after the forward's tensors are freed
+             # the update runs after the forward's tensors are freed; a CUDA graph's pool keeps its tensors
+             "update": update if s.cuda_graph else max(0, update - activations - logits - probes),
              "optimizer_state": state, "adapter": adapter, "streaming_window": window}
     items["allocator"] = int(ALLOCATOR_SLACK[s.device_type] * (sum(items.values()) - items["runtime"]))
     peak = sum(items.values())

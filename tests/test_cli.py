@@ -262,3 +262,9 @@ def test_demo_prints_answers_before_and_after(monkeypatch, tmp_path):
     monkeypatch.setattr(edgezo.demo, "run_demo", fake_demo)
     out = ok("tune", "--out", tmp_path / "demo").stdout
     assert "I don't know." in out and "Biscuit." in out and "3.000 → 1.500" in out
+
+
+def test_tune_cuda_graph_flag_off_a_gpu_is_a_clear_error(files, tmp_path):
+    _, model, data, _ = files
+    fails("tune", model, data, "--out", tmp_path / "run", "--cuda-graph", *FAST,
+          match="cuda_graph needs every trained Linear on a CUDA device")

@@ -273,3 +273,13 @@ def test_update_item_counts_the_update_chunk_beyond_a_small_forward():
     assert cpu.items["update"] > 0
     assert forward + cpu.items["update"] >= 2 * UPDATE_CHUNK_BYTES  # one full chunk of the largest group, twice
     assert cuda.items["update"] > cpu.items["update"]
+
+
+def test_cuda_graph_keeps_the_update_allocated_and_needs_cuda():
+    small = dict(optimizer="zo-mopi", rank=64, k=32, batch_size=8, seq_len=128, fuse=1, loss="scored", device="cuda")
+    eager, graphed = plan(SMOL, Settings(**small)), plan(SMOL, Settings(**small, cuda_graph=True))
+    assert graphed.items["update"] > eager.items["update"]  # the pool holds it beside the forward's transients
+    assert Settings(**small, cuda_graph=True).optimizer_kwargs()["cuda_graph"] is True
+    assert "cuda_graph" not in Settings(**small).optimizer_kwargs()
+    with pytest.raises(EdgezoError, match="cuda_graph on cpu"):
+        plan(SMOL, Settings(**{**small, "device": "cpu"}, cuda_graph=True))

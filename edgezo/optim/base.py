@@ -24,6 +24,7 @@ import torch
 
 from edgezo.delta import DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
+from edgezo.optim.graphed import GraphedUpdate
 from edgezo.zo import estimators
 from edgezo.zo.probes import derive_seed, draw_workers, drawn_in_parallel
 
@@ -91,6 +92,7 @@ class ZOConfig:
     fuse: int | None = None  # slices per forward; None = all of a step's slices in one forward
     train_1d: bool = False  # also train biases and norms (vector_delta.py); off, they stay frozen
     lr_1d: float = 1e-5  # their plain ZO-SGD step: MeZO's full-space lr range (docs/defaults.md), not the released 1e-7
+    cuda_graph: bool = False  # replay the update as one CUDA graph (edgezo/optim/graphed.py); its pool stays allocated
 
 
 class ZOOptimizer:
@@ -108,6 +110,7 @@ class ZOOptimizer:
         for target, st in zip(delta.targets, self.state.per_target):
             target.side = method.side
             method.init(target, st, derive_seed(seed, -1, target.index))
+        self.graphed = GraphedUpdate(self) if config.cuda_graph else None
 
     @property
     def targets(self) -> list[DeltaTarget]:
@@ -168,21 +171,28 @@ class ZOOptimizer:
         """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update, one call
         for each chunk of same-shape targets (_update_chunks). Advances the step."""
         step_seed, scaled = self.step_seed(t), g.float() / len(g)
-        chunks = self._update_chunks()
-        order = [self.targets[i].index for chunk in chunks for i in chunk]
-        with _probe_blocks(self.targets, step_seed, len(g), order) as blocks_of:
-            for chunk in chunks:
-                targets = [self.targets[i] for i in chunk]
-                states = [self.state.per_target[i] for i in chunk]
-                grad = _estimates(targets, scaled, blocks_of)
-                stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
-                step = self.method.update(stacked, grad, self.config.lr)
-                torch._foreach_sub_([target.coords() for target in targets], step.unbind())
-                for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
-                    torch._foreach_copy_([st[key] for st in states], value.unbind())
+        if self.graphed is None or not self.graphed.replay(scaled, step_seed):
+            chunks = self._update_chunks()
+            order = [self.targets[i].index for chunk in chunks for i in chunk]
+            with _probe_blocks(self.targets, step_seed, len(g), order) as blocks_of:
+                self.update_matrices(chunks, scaled, blocks_of)
         for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
             vector.update(g, step_seed, self.config.lr_1d)
         self.state.step = t + 1
+
+    def update_matrices(self, chunks: list[list[int]], scaled: torch.Tensor,
+                        blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]]) -> None:
+        """The matrix targets' update from g_i/N (`scaled`) and their probe blocks: Ĝ, then one
+        method.update per chunk of same-shape targets. No host sync: a CUDA graph can capture it."""
+        for chunk in chunks:
+            targets = [self.targets[i] for i in chunk]
+            states = [self.state.per_target[i] for i in chunk]
+            grad = _estimates(targets, scaled, blocks_of)
+            stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
+            step = self.method.update(stacked, grad, self.config.lr)
+            torch._foreach_sub_([target.coords() for target in targets], step.unbind())
+            for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
+                torch._foreach_copy_([st[key] for st in states], value.unbind())
 
     def _update_chunks(self) -> list[list[int]]:
         """Indices of the targets updated together: same probe shape, device and state shapes, in

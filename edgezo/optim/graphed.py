@@ -1,0 +1,76 @@
+"""The ZO update as one CUDA graph (ZOConfig.cuda_graph): ZOOptimizer.update_matrices captured, then replayed.
+
+At batch 1 on a GPU the update is bound by the host, which issues thousands of small kernels one op call at
+a time. A replayed graph issues them all at once. Each target's probe blocks come from generators
+registered with the graph and re-seeded before each replay with the seeds an eager draw uses
+(DeltaTarget.probe_seeds), so the probes equal the forward's (bench/cuda_graph_rng.py checks this
+bitwise). The graph writes into the tensors that were live at capture. A refresh, a fold or a loaded
+checkpoint replaces them, so the first step on new tensors runs eagerly (which also warms up cuBLAS and
+cuSOLVER) and the next one captures again. The graph's memory pool keeps the update's transients (the
+stacked Ĝ and state of every chunk) allocated between steps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from edgezo.errors import EdgezoError
+
+if TYPE_CHECKING:
+    from edgezo.optim.base import ZOOptimizer
+
+
+class GraphedUpdate:
+    def __init__(self, opt: ZOOptimizer):
+        devices = {t.device.type for t in opt.targets}
+        if devices != {"cuda"} or opt.method.side == "full":
+            raise EdgezoError("cuda_graph needs every trained Linear on a CUDA device and a low-rank method "
+                              f"(got devices {sorted(devices)}, {opt.method.name}); turn cuda_graph off")
+        self.opt = opt
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.generators: dict[tuple[int, int], torch.Generator] = {}  # (target index, block) -> registered
+        self.g: torch.Tensor | None = None  # the replay's g_i / N
+        self.captured_on: tuple | None = None  # data pointers of the tensors the graph writes
+        self.warmed_on: tuple | None = None
+
+    def replay(self, scaled: torch.Tensor, step_seed: int) -> bool:
+        """Run this step's update by replaying the graph; False where the caller must run it eagerly."""
+        written = self._written()
+        if written != self.captured_on:
+            if written != self.warmed_on:  # first step on these tensors: eager
+                self.warmed_on = written
+                return False
+            self._capture(len(scaled))
+            self.captured_on = written
+        for target in self.opt.targets:
+            for block, (_, _, seed) in enumerate(target.probe_seeds(step_seed, len(scaled))):
+                self.generators[(target.index, block)].manual_seed(seed)
+        self.g.copy_(scaled)
+        self.graph.replay()
+        return True
+
+    def _written(self) -> tuple:
+        opt = self.opt
+        return tuple(x.data_ptr() for target, st in zip(opt.targets, opt.state.per_target)
+                     for x in (target.coords(), *st.values()))
+
+    def _capture(self, n_probes: int) -> None:
+        opt, device = self.opt, self.opt.targets[0].device
+        by_index = {t.index: t for t in opt.targets}
+        self.graph, self.g = torch.cuda.CUDAGraph(), torch.zeros(n_probes, device=device)
+        self.generators = {}
+        for target in opt.targets:
+            for block in range(len(target.probe_seeds(0, n_probes))):
+                self.generators[(target.index, block)] = gen = torch.Generator(device=device)
+                self.graph.register_generator_state(gen)
+
+        def blocks_of(index: int) -> list[tuple[int, torch.Tensor]]:
+            target = by_index[index]
+            return [(first, torch.randn((count, *target.probe_shape()), generator=self.generators[(index, block)],
+                                        device=device, dtype=torch.float32))
+                    for block, (first, count, _) in enumerate(target.probe_seeds(0, n_probes))]
+
+        with torch.cuda.graph(self.graph):
+            opt.update_matrices(opt._update_chunks(), self.g, blocks_of)
