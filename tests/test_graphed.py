@@ -13,7 +13,11 @@ def _run(cuda_graph, steps, device, **kw):
     delta = DeltaModel.attach(tiny("opt").to(device))
     opt = make_optimizer("zo-mopi", delta, seed=0, rank=8, k=4, interval=3, cuda_graph=cuda_graph, **kw)
     batch = {k: v.to(device) for k, v in token_batch().items()}
-    results = [opt.step(lm_loss, batch) for _ in range(steps)]
+    results = []
+    for step in range(steps):
+        if step == 5:  # a replayed graph reads the learning rate as it is now
+            opt.config.lr /= 2
+        results.append(opt.step(lm_loss, batch))
     return delta, opt, results
 
 
@@ -25,7 +29,8 @@ def test_cuda_graph_off_a_gpu_is_a_clear_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("state_dtype", ["fp32", "fp16"])
 def test_graphed_update_equals_eager_through_refreshes(state_dtype):
-    # 8 steps: eager warm-up, capture, replays, a refresh at steps 3 and 6 (new tensors: warm-up and capture again)
+    # 8 steps: eager warm-up, capture, replays, a refresh at steps 3 and 6 (new tensors: warm-up and capture
+    # again), the learning rate halved at step 5
     eager, e_opt, e_res = _run(False, 8, "cuda", state_dtype=state_dtype)
     graphed, g_opt, g_res = _run(True, 8, "cuda", state_dtype=state_dtype)
     assert g_opt.graphed.graph is not None

@@ -72,9 +72,9 @@ class Method(Protocol):
 
     def refresh(self, target: DeltaTarget, state: dict[str, torch.Tensor], seed: int) -> None: ...
 
-    def update(self, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float) -> torch.Tensor:
+    def update(self, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         """The step of B targets of one shape: `grad` (B, *probe_shape) and every `state` tensor are
-        stacked on dim 0; updates `state` (in place or by replacing entries) and returns the
+        stacked on dim 0 (`lr`: a float, or a 0-dim device tensor under cuda_graph); updates `state` (in place or by replacing entries) and returns the
         (B, *probe_shape) step that is subtracted from each target's coordinates. `grad` is the
         caller's scratch: the step may be computed in it."""
         ...
@@ -175,21 +175,23 @@ class ZOOptimizer:
             chunks = self._update_chunks()
             order = [self.targets[i].index for chunk in chunks for i in chunk]
             with _probe_blocks(self.targets, step_seed, len(g), order) as blocks_of:
-                self.update_matrices(chunks, scaled, blocks_of)
+                self.update_matrices(chunks, scaled, blocks_of, self.config.lr)
         for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
             vector.update(g, step_seed, self.config.lr_1d)
         self.state.step = t + 1
 
     def update_matrices(self, chunks: list[list[int]], scaled: torch.Tensor,
-                        blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]]) -> None:
+                        blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]],
+                        lr: float | torch.Tensor) -> None:
         """The matrix targets' update from g_i/N (`scaled`) and their probe blocks: Ĝ, then one
-        method.update per chunk of same-shape targets. No host sync: a CUDA graph can capture it."""
+        method.update per chunk of same-shape targets. No host sync: a CUDA graph can capture it
+        (with `scaled` and `lr` as device tensors it refills before each replay)."""
         for chunk in chunks:
             targets = [self.targets[i] for i in chunk]
             states = [self.state.per_target[i] for i in chunk]
             grad = _estimates(targets, scaled, blocks_of)
             stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
-            step = self.method.update(stacked, grad, self.config.lr)
+            step = self.method.update(stacked, grad, lr)
             torch._foreach_sub_([target.coords() for target in targets], step.unbind())
             for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
                 torch._foreach_copy_([st[key] for st in states], value.unbind())

@@ -4,7 +4,8 @@ At batch 1 on a GPU the update is bound by the host, which issues thousands of s
 a time. A replayed graph issues them all at once. Each target's probe blocks come from generators
 registered with the graph and re-seeded before each replay with the seeds an eager draw uses
 (DeltaTarget.probe_seeds), so the probes equal the forward's (bench/cuda_graph_rng.py checks this
-bitwise). The graph writes into the tensors that were live at capture. A refresh, a fold or a loaded
+bitwise). g_i and the learning rate are read from device tensors refilled before each replay; the method's
+other settings are fixed at capture. The graph writes into the tensors that were live at capture. A refresh, a fold or a loaded
 checkpoint replaces them, so the first step on new tensors runs eagerly (which also warms up cuBLAS and
 cuSOLVER) and the next one captures again. The graph's memory pool keeps the update's transients (the
 stacked Ĝ and state of every chunk) allocated between steps.
@@ -32,6 +33,7 @@ class GraphedUpdate:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.generators: dict[tuple[int, int], torch.Generator] = {}  # (target index, block) -> registered
         self.g: torch.Tensor | None = None  # the replay's g_i / N
+        self.lr: torch.Tensor | None = None
         self.captured_on: tuple | None = None  # data pointers of the tensors the graph writes
         self.warmed_on: tuple | None = None
 
@@ -48,7 +50,9 @@ class GraphedUpdate:
             for block, (_, _, seed) in enumerate(target.probe_seeds(step_seed, len(scaled))):
                 self.generators[(target.index, block)].manual_seed(seed)
         self.g.copy_(scaled)
-        self.graph.replay()
+        self.lr.fill_(self.opt.config.lr)
+        with torch.cuda.device(self.g.device):
+            self.graph.replay()
         return True
 
     def _written(self) -> tuple:
@@ -60,6 +64,7 @@ class GraphedUpdate:
         opt, device = self.opt, self.opt.targets[0].device
         by_index = {t.index: t for t in opt.targets}
         self.graph, self.g = torch.cuda.CUDAGraph(), torch.zeros(n_probes, device=device)
+        self.lr = torch.zeros((), device=device)
         self.generators = {}
         for target in opt.targets:
             for block in range(len(target.probe_seeds(0, n_probes))):
@@ -72,5 +77,5 @@ class GraphedUpdate:
                                         device=device, dtype=torch.float32))
                     for block, (first, count, _) in enumerate(target.probe_seeds(0, n_probes))]
 
-        with torch.cuda.graph(self.graph):
-            opt.update_matrices(opt._update_chunks(), self.g, blocks_of)
+        with torch.cuda.device(device), torch.cuda.graph(self.graph):
+            opt.update_matrices(opt._update_chunks(), self.g, blocks_of, self.lr)

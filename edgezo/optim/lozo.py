@@ -34,5 +34,5 @@ class LOZO:
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         target.right = gaussian((self._rank(target), target.in_features), seed, target.device)
 
-    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    def update(self, state: dict, grad: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         return grad.mul_(lr / grad.shape[-1])  # grad: (…, m, r) coordinates of L

@@ -25,5 +25,5 @@ class MeZO:
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         pass
 
-    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    def update(self, state: dict, grad: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         return grad.mul_(lr)

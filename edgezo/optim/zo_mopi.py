@@ -71,7 +71,7 @@ class ZOMOPI:
             state["v"] = self._random_v(target, r, seed)
         target.left = p_new
 
-    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    def update(self, state: dict, grad: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         m = state["momentum"].mul_(self.beta).add_(grad, alpha=1 - self.beta)
         o, v = streaming_power_iteration(m, state["v"], state["v"].shape[-1])
         state["v"] = v.to(self._dtype)

@@ -35,5 +35,5 @@ class ZOMuon:
     def refresh(self, target: DeltaTarget, state: dict, seed: int) -> None:
         target.left = haar_basis(target.out_features, target.left.shape[1], seed, target.device)
 
-    def update(self, state: dict, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    def update(self, state: dict, grad: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         return ORTHOGONALIZERS[self.orthogonalizer](grad).mul_(lr)
