@@ -87,7 +87,8 @@ def main() -> dict:
     graph_s = timed(lambda: replay(seeds))
     print(f"{len(TARGETS)} targets, N={N}, {torch.cuda.get_device_name()}")
     print(f"graph draws == eager draws (two seed sets): {checks}")
-    print(f"probe regeneration + Ĝ: eager {1e3 * eager_s:.2f} ms, graph replay (seeding included) {1e3 * graph_s:.2f} ms")
+    print(f"probe regeneration + Ĝ: eager {1e3 * eager_s:.2f} ms, "
+          f"graph replay (seeding included) {1e3 * graph_s:.2f} ms")
     out = {"bench": "cuda_graph_rng", "targets": len(TARGETS), "n_probes": N, "identical": checks,
            "eager_ms": round(1e3 * eager_s, 3), "graph_ms": round(1e3 * graph_s, 3),
            "gpu": torch.cuda.get_device_name()}

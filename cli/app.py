@@ -88,10 +88,11 @@ def tune(
         None, "--train-1d/--no-train-1d", help="also train biases and norms (full-space probes; default off)"),
     lr_1d: Optional[float] = typer.Option(None, "--lr-1d", help="learning rate of biases and norms (default 1e-5)"),
     state_dtype: Optional[str] = typer.Option(
-        None, help="zo-mopi: fp32 | bf16 | fp16, how its basis, momentum and power-iteration state are stored (default fp32)"),
+        None, help="zo-mopi: fp32 | bf16 | fp16, how its basis, momentum and power-iteration state are stored "
+                   "(default fp32)"),
     cuda_graph: Optional[bool] = typer.Option(
-        None, "--cuda-graph/--no-cuda-graph", help="replay the update as one CUDA graph: faster at small batches, "
-        "and its memory stays allocated (default off)"),
+        None, "--cuda-graph/--no-cuda-graph", help="zo-mopi on CUDA: replay the update as one CUDA graph, faster at "
+        "small batches; its memory stays allocated (default off)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
@@ -109,8 +110,8 @@ def tune(
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
         device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
-        cuda_graph=cuda_graph, batch_size=batch_size, max_length=max_length, eval_every=eval_every, eval_data=eval_data, template=template,
-        checkpoint_every=checkpoint_every).items() if v is not None}
+        cuda_graph=cuda_graph, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
+        eval_data=eval_data, template=template, checkpoint_every=checkpoint_every).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
             raise EdgezoError("the demo has its own settings; pass MODEL and DATA to use --profile or other flags")

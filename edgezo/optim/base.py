@@ -74,9 +74,9 @@ class Method(Protocol):
 
     def update(self, state: dict[str, torch.Tensor], grad: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         """The step of B targets of one shape: `grad` (B, *probe_shape) and every `state` tensor are
-        stacked on dim 0 (`lr`: a float, or a 0-dim device tensor under cuda_graph); updates `state` (in place or by replacing entries) and returns the
-        (B, *probe_shape) step that is subtracted from each target's coordinates. `grad` is the
-        caller's scratch: the step may be computed in it."""
+        stacked on dim 0 (`lr`: a float, or a 0-dim device tensor under cuda_graph); updates `state` (in
+        place or by replacing entries) and returns the (B, *probe_shape) step that is subtracted from each
+        target's coordinates. `grad` is the caller's scratch: the step may be computed in it."""
         ...
 
 
@@ -92,7 +92,7 @@ class ZOConfig:
     fuse: int | None = None  # slices per forward; None = all of a step's slices in one forward
     train_1d: bool = False  # also train biases and norms (vector_delta.py); off, they stay frozen
     lr_1d: float = 1e-5  # their plain ZO-SGD step: MeZO's full-space lr range (docs/defaults.md), not the released 1e-7
-    cuda_graph: bool = False  # replay the update as one CUDA graph (edgezo/optim/graphed.py); its pool stays allocated
+    cuda_graph: bool = False  # zo-mopi: replay the update as one CUDA graph (edgezo/optim/graphed.py)
 
 
 class ZOOptimizer:

@@ -5,10 +5,11 @@ a time. A replayed graph issues them all at once. Each target's probe blocks com
 registered with the graph and re-seeded before each replay with the seeds an eager draw uses
 (DeltaTarget.probe_seeds), so the probes equal the forward's (bench/cuda_graph_rng.py checks this
 bitwise). g_i and the learning rate are read from device tensors refilled before each replay; the method's
-other settings are fixed at capture. The graph writes into the tensors that were live at capture. A refresh, a fold or a loaded
-checkpoint replaces them, so the first step on new tensors runs eagerly (which also warms up cuBLAS and
-cuSOLVER) and the next one captures again. The graph's memory pool keeps the update's transients (the
-stacked Ĝ and state of every chunk) allocated between steps.
+other settings are fixed at capture. The graph writes into the tensors that were live at capture. A
+refresh, a fold or a loaded checkpoint replaces them, so the first step on new tensors runs eagerly (which
+also warms up cuBLAS and cuSOLVER) and the next one captures again. The graph's memory pool keeps the
+update's transients (the stacked Ĝ and state of every chunk) allocated between steps. Implemented and
+tested (tests/test_graphed.py, on a GPU) for ZO-MOPI.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ if TYPE_CHECKING:
 
 
 class GraphedUpdate:
+    """ZOOptimizer.apply_update's replacement for the matrix targets: replay() runs the step's update."""
+
     def __init__(self, opt: ZOOptimizer):
         devices = {t.device.type for t in opt.targets}
-        if devices != {"cuda"} or opt.method.side == "full":
-            raise EdgezoError("cuda_graph needs every trained Linear on a CUDA device and a low-rank method "
+        if devices != {"cuda"} or opt.method.name != "zo-mopi":
+            raise EdgezoError("cuda_graph needs every trained Linear on a CUDA device and the zo-mopi optimizer "
                               f"(got devices {sorted(devices)}, {opt.method.name}); turn cuda_graph off")
         self.opt = opt
         self.graph: torch.cuda.CUDAGraph | None = None
