@@ -35,6 +35,11 @@ ProbeSide = Literal["right", "left", "full"]
 PROBE_BLOCK_ELEMENTS = 1 << 23
 
 
+def probes_per_block(probe_elements: int) -> int:
+    """How many probes of `probe_elements` each one block holds (at least one)."""
+    return max(1, PROBE_BLOCK_ELEMENTS // probe_elements)
+
+
 @dataclass
 class DeltaTarget:
     """The trainable delta beside one base Linear (the module itself is only read)."""
@@ -77,7 +82,7 @@ class DeltaTarget:
     def probe_seeds(self, step_seed: int, n_probes: int) -> list[tuple[int, int, int]]:
         """(index of the first probe, probe count, seed) of each block probe_chunks draws."""
         shape = self.probe_shape()
-        per_block = max(1, PROBE_BLOCK_ELEMENTS // (shape[0] * shape[1]))
+        per_block = probes_per_block(shape[0] * shape[1])
         return [(first, min(per_block, n_probes - first), derive_seed(step_seed, self.index, first // per_block, PROBE))
                 for first in range(0, n_probes, per_block)]
 

@@ -32,11 +32,11 @@ from typing import Callable
 import torch
 
 from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
-from edgezo.delta import DEFAULT_TARGETS, PROBE_BLOCK_ELEMENTS
+from edgezo.delta import DEFAULT_TARGETS, probes_per_block
 from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.optim import DEFAULTS, OPTIMIZERS
-from edgezo.optim.base import UPDATE_CHUNK_BYTES, update_chunk_bytes
+from edgezo.optim.base import probe_sets_drawn_together, update_chunk_bytes
 from edgezo.vector_delta import find_vectors
 from edgezo.zo.probes import MAX_DRAW_WORKERS
 
@@ -231,6 +231,11 @@ def _has_adapter(s: Settings) -> bool:
     return s.optimizer != "mezo" and s.adapter_rank > 0 and s.interval > 0  # folds happen at refreshes
 
 
+# The update's working memory in chunks (stacked Ĝ and state, then the method's temporaries): ZO-MOPI's
+# power iteration about doubles it, Newton–Schulz holds about five of it, LOZO and MeZO scale Ĝ in place.
+UPDATE_WORKING = {"zo-mopi": 2, "zo-muon": 5, "lozo": 1, "mezo": 1}
+
+
 def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     """(optimizer state, adapter, forward probe tensors, update transient) bytes.
 
@@ -238,7 +243,7 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     probe block (DeltaTarget.probe_chunks) and the slices' perturbed factors in the compute dtype; the
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
     the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
-    together (on CPU, up to UPDATE_CHUNK_BYTES of them).
+    together (on CPU, base.probe_sets_drawn_together).
     """
     state = adapter = forward = update = 0
     half = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0  # P, M and V at state_dtype
@@ -252,31 +257,27 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
         adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))
         probe = shape[0] * shape[1]
+        block = _block_bytes(probe, s.n_probes)
         if s.optimizer == "mezo":  # add_probes: the block again in the compute dtype, below fp32
-            perturbed = _block_bytes(probe, s.n_probes) * b // 4 if b < 4 else 0
+            perturbed = block * b // 4 if b < 4 else 0
         else:  # the slices' perturbed factors
             perturbed = s.slices_per_forward * probe * b
-        forward = max(forward, _block_bytes(probe, s.n_probes) + perturbed)
+        forward = max(forward, block + perturbed)
         groups.setdefault(shape, []).append(4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
         drawn = _block_bytes(rows * cols, s.n_probes)
         if s.device_type == "cpu" and s.optimizer != "mezo":  # whole probe sets drawn together (base._probe_blocks)
             probe_set = 4 * rows * cols * s.n_probes
-            drawn = probe_set * max(1, min(MAX_DRAW_WORKERS, UPDATE_CHUNK_BYTES // probe_set))
+            drawn = probe_set * max(1, probe_sets_drawn_together(probe_set, MAX_DRAW_WORKERS))
         update = max(update, UPDATE_WORKING[s.optimizer] * chunk + drawn)
     state += a.vector_elems if s.train_1d else 0
     return int(4 * state), 4 * adapter, forward, update
 
 
-# The update's working memory in chunks (stacked Ĝ and state, then the method's temporaries): ZO-MOPI's
-# power iteration about doubles it, Newton–Schulz holds about five of it, LOZO and MeZO scale Ĝ in place.
-UPDATE_WORKING = {"zo-mopi": 2, "zo-muon": 5, "lozo": 1, "mezo": 1}
-
-
 def _block_bytes(probe: int, n_probes: int) -> int:
-    """One fp32 block of a target's probes (DeltaTarget.probe_chunks): as many as fit PROBE_BLOCK_ELEMENTS."""
-    return 4 * probe * min(n_probes, max(1, PROBE_BLOCK_ELEMENTS // probe))
+    """One fp32 block of a target's probes (DeltaTarget.probe_chunks)."""
+    return 4 * probe * min(n_probes, probes_per_block(probe))
 
 
 def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:

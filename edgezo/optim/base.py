@@ -45,6 +45,12 @@ def update_chunk_bytes(device: torch.device) -> int:
     return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" else UPDATE_CHUNK_BYTES
 
 
+def probe_sets_drawn_together(probe_set_bytes: int, workers: int) -> int:
+    """Targets whose probe sets the CPU update draws at once (_probe_blocks): one per worker, within
+    UPDATE_CHUNK_BYTES of probes."""
+    return min(workers, UPDATE_CHUNK_BYTES // probe_set_bytes)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -246,7 +252,7 @@ def _probe_blocks(targets: list[DeltaTarget], step_seed: int, n_probes: int,
 
     workers = draw_workers(t.device for t in targets) if all(t.side != "full" for t in targets) else 0
     largest = max((4 * n_probes * math.prod(t.probe_shape()) for t in targets), default=1)
-    workers = min(workers, UPDATE_CHUNK_BYTES // largest)
+    workers = probe_sets_drawn_together(largest, workers)
     if workers <= 1:
         yield lazy
         return

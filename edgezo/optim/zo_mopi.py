@@ -28,6 +28,7 @@ from edgezo.zo.orthogonalize import streaming_power_iteration
 from edgezo.zo.probes import derive_seed, gaussian
 from edgezo.zo.subspace import anchored_basis, haar_basis, orthonormalize, reproject
 
+
 @dataclass
 class ZOMOPI:
     rank: int = 64
