@@ -193,6 +193,11 @@ def _phases(args, precision: str, batch: int) -> list[dict]:
     for dtype in args.state_dtypes:
         out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=args.fuse, settings=dict(state_dtype=dtype),
                         label=f"tune zo-mopi ({dtype} state)"))
+    if args.offload_state:
+        for dtype in ["fp32", *args.state_dtypes]:
+            out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=args.fuse,
+                            settings=dict(state_dtype=dtype, offload_state=True),
+                            label=f"tune zo-mopi ({dtype} host state)"))
     if args.fused_row and precision == args.precisions[0] and "zo-mopi" in args.optimizers and args.fuse is not None:
         out.append(dict(base, kind="tune", optimizer="zo-mopi", fuse=None, label="tune zo-mopi (fuse=all)"))
     return out
@@ -211,7 +216,7 @@ def _run_cpu(args, source: str, log) -> tuple[dict, list]:
                 spec["source"] = source
                 r = peak_rss_of_child(_phase, spec)[0]
                 rows.append((spec, r))
-                log(f"  b{batch} {precision:<12}{spec['label']:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
+                log(f"  b{batch} {precision:<12}{spec['label']:<32}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
         if args.streaming:
             for kind, extra in (("inference", {}), ("tune", dict(optimizer="zo-mopi", fuse=args.fuse))):
                 label = "streamed " + ("inference" if kind == "inference" else "tune zo-mopi")
@@ -219,7 +224,7 @@ def _run_cpu(args, source: str, log) -> tuple[dict, list]:
                             streaming=True, logit_elements=args.logit_elements, loss=args.loss, **extra)
                 r = peak_rss_of_child(_phase, spec)[0]
                 rows.append((spec, r))
-                log(f"  b{batch} {'fp32':<12}{label:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
+                log(f"  b{batch} {'fp32':<12}{label:<32}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.0f} s)")
     return runtime, rows
 
 
@@ -236,7 +241,7 @@ def _run_inprocess(args, log) -> tuple[dict, list]:
             for spec in _phases(args, precision, batch):
                 r = runner.phase(spec)
                 rows.append((spec, r))
-                log(f"  b{batch} {precision:<12}{spec['label']:<28}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.1f} s)")
+                log(f"  b{batch} {precision:<12}{spec['label']:<32}{r['peak'] / C.MB:>9.0f} MiB ({r['seconds']:.1f} s)")
         runner.model = None
         runner._free()
     return {"peak": 0}, rows
@@ -250,7 +255,7 @@ def _report(args, title: str, runtime: dict, rows: list) -> dict:
     unit = "GPU allocated (weights + phase)" if cuda else "RSS (runtime + weights + phase)"
     print(f"\n{title}: seq {args.seq}, {args.device}, peak {unit} in MiB; "
           f"tune rows fuse={_fuse_name(args.fuse)} unless noted")
-    hdr = (f"{'batch':>5}  {'precision':<12}{'phase':<28}{'slices/fwd':>10}{'weights':>9}{'at start':>9}{'peak':>9}"
+    hdr = (f"{'batch':>5}  {'precision':<12}{'phase':<32}{'slices/fwd':>10}{'weights':>9}{'at start':>9}{'peak':>9}"
            f"{'rise':>8}{'state':>8}{'/ infer':>8}{'/ no-cache':>11}{'sec':>7}")
     print(hdr)
     print("-" * len(hdr))
@@ -263,7 +268,7 @@ def _report(args, title: str, runtime: dict, rows: list) -> dict:
         ratio_nc = r["peak"] / inf_nc[p, b] if (p, b) in inf_nc and not streamed else None
         spf = r.get("slices_per_forward", 1)
         state = r.get("state_bytes", 0)
-        print(f"{b:>5}  {p:<12}{spec['label']:<28}{spf:>10}{r['weight_bytes'] / C.MB:>9.0f}{r['start'] / C.MB:>9.0f}"
+        print(f"{b:>5}  {p:<12}{spec['label']:<32}{spf:>10}{r['weight_bytes'] / C.MB:>9.0f}{r['start'] / C.MB:>9.0f}"
               f"{r['peak'] / C.MB:>9.0f}{(r['peak'] - r['start']) / C.MB:>8.0f}{state / C.MB:>8.0f}"
               f"{_fmt(ratio):>8}{_fmt(ratio_nc):>11}{r['seconds']:>7.0f}")
         row = dict(precision=p, batch=b, phase=spec["label"], fuse=spec.get("fuse"), slices_per_forward=spf,
@@ -332,6 +337,8 @@ def main(argv=None) -> dict:
                     help="skip the extra zo-mopi fuse=all row (first precision only)")
     ap.add_argument("--state-dtypes", default="", help="extra zo-mopi rows with its basis P, momentum M and V "
                     "stored in these dtypes (state_dtype), comma-separated (bf16, fp16)")
+    ap.add_argument("--offload-state", action="store_true", help="CUDA: extra zo-mopi rows with the state in "
+                    "host memory (offload_state), fp32 and each --state-dtypes")
     ap.add_argument("--no-nocache", action="store_true", help="skip the use_cache=False inference row")
     ap.add_argument("--no-streaming", dest="streaming", action="store_false")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per phase (CPU)")

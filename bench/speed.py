@@ -82,6 +82,19 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
         from edgezo.optim.graphed import GraphedUpdate
 
         graphed = GraphedUpdate(opt)
+    offloaded = None
+    if args.offload_state:  # a second optimizer, state in host memory; its hooks are attached only for its step
+        offloaded = C.make_opt(model, "zo-mopi", None, n_probes=args.n_probes, offload_state=True)
+        offloaded.delta.detach()
+
+    def offloaded_step():
+        with C.plain(opt.delta):
+            offloaded.delta._handles = [t.module.register_forward_hook(offloaded.delta._hook(t))
+                                        for t in offloaded.delta.targets]
+            try:
+                offloaded.step(loss, tune)
+            finally:
+                offloaded.delta.detach()
 
     def step(fuse, graph=False):
         def run():
@@ -95,6 +108,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
         variants["stacked"] = stacked
     if graphed is not None:
         variants["graphed"] = step(None, graph=True)
+    if offloaded is not None:
+        variants["offloaded"] = offloaded_step
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.repeats):
         last = {name: C.timed(fn, dev) for name, fn in variants.items()}
@@ -106,6 +121,10 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     if graphed is not None:
         log(f"  fused step with the update replayed as a CUDA graph: {C.median(times['graphed']):.4f}s = "
             f"{C.median(times['graphed']) / C.median(times['forward']):.2f} x forward")
+    if offloaded is not None:
+        log(f"  fused step with the state in host memory (offload_state): {C.median(times['offloaded']):.4f}s = "
+            f"{C.median(times['offloaded']) / C.median(times['forward']):.2f} x forward, "
+            f"{C.median(times['offloaded']) / (n_slices * C.median(times['forward'])):.3f} x {n_slices} forwards")
     if args.profile:
         opt.config.fuse, opt.graphed = None, None
         _profile(opt, loss, tune, dev, log)
@@ -121,6 +140,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
                separate_tokens_per_s=tokens / med["separate"],
                graphed_s=med.get("graphed"),
                graphed_over_forward=med["graphed"] / med["forward"] if "graphed" in med else None,
+               offloaded_s=med.get("offloaded"),
+               offloaded_ratio=med["offloaded"] / nine_fwd if "offloaded" in med else None,
                samples={k: [round(x, 4) for x in v] for k, v in times.items()})
     tgt = _target(dev, batch, n_slices, med["forward"], med["fused"])
     if tgt:
@@ -181,6 +202,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="print the op profile of one fused step")
     ap.add_argument("--cuda-graph", action="store_true", help="also time the fused step with its update replayed "
                     "as a CUDA graph (ZOConfig.cuda_graph)")
+    ap.add_argument("--offload-state", action="store_true", help="also time the fused step with its state in "
+                    "host memory (ZOConfig.offload_state), in the same rounds")
     ap.add_argument("--no-stacked", dest="stacked", action="store_false",
                     help="skip timing the bare model on the (N+1)x stacked batch (the fused step's floor)")
     args = ap.parse_args(argv)

@@ -93,6 +93,10 @@ def tune(
     cuda_graph: Optional[bool] = typer.Option(
         None, "--cuda-graph/--no-cuda-graph", help="zo-mopi on CUDA: replay the update as one CUDA graph, faster at "
         "small batches; its memory stays allocated (default off)"),
+    offload_state: Optional[bool] = typer.Option(
+        None, "--offload-state/--no-offload-state", help="on CUDA: keep the trainable state (basis, coordinates, "
+        "momentum, adapter) in host memory; the GPU holds little more than inference, each step copies it in "
+        "and out (default off)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
@@ -110,7 +114,7 @@ def tune(
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
         device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
-        cuda_graph=cuda_graph, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
+        cuda_graph=cuda_graph, offload_state=offload_state, batch_size=batch_size, max_length=max_length, eval_every=eval_every,
         eval_data=eval_data, template=template, checkpoint_every=checkpoint_every).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
@@ -170,7 +174,7 @@ def _resolve(profile: str, model, flags: dict | None = None):
 
     names = {"optimizer": "optimizer", "batch_size": "batch_size", "max_length": "seq_len",
              "precision": "precision", "device": "device", "train_1d": "train_1d", "state_dtype": "state_dtype",
-             "cuda_graph": "cuda_graph"}
+             "cuda_graph": "cuda_graph", "offload_state": "offload_state"}
     overrides = {names[k]: v for k, v in (flags or {}).items() if k in names}
     p = profiles.load_profile(profile)
     return (p, *profiles.resolve(p, model, overrides={**TUNE_RUNS, **overrides}))
@@ -198,8 +202,8 @@ def _tune_config(model: str, profile: str | None, flags: dict):
         cfg.template = flags["template"].replace("\\n", "\n")
     if "eval_data" in flags:
         cfg.eval_data = str(flags["eval_data"])
-    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype", "cuda_graph")
-                                 if k in flags}}
+    cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype", "cuda_graph",
+                                                               "offload_state") if k in flags}}
     if "lr_1d" in flags and not cfg.optim.get("train_1d"):
         raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")
     return cfg, precision, device
@@ -256,6 +260,8 @@ def plan(
     table.add_row("[bold]peak", f"[bold]{human_bytes(result.peak_bytes)}")
     if result.budget_bytes:
         table.add_row("budget", human_bytes(result.budget_bytes))
+    if result.host_bytes:
+        table.add_row("state in host memory (not in the peak)", human_bytes(result.host_bytes))
     stdout.print(table)
     s = result.settings
     stdout.print(f"settings: {s.optimizer}, {s.precision} on {s.device}, batch {s.batch_size} x {s.seq_len} tokens, "

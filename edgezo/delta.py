@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Literal
 import torch
 from torch import nn
 
-from edgezo import vector_delta
+from edgezo import offload, vector_delta
 from edgezo.vector_delta import VectorDelta
 from edgezo.zo.probes import PROBE, derive_seed, gaussian
 
@@ -33,6 +33,10 @@ ProbeSide = Literal["right", "left", "full"]
 
 # Probes of one target drawn into one block per batched matmul, at most (fp32 elements: 32 MiB).
 PROBE_BLOCK_ELEMENTS = 1 << 23
+
+
+# A target's tensors: what it saves, and what visits the device when it is offloaded.
+FACTORS = ("left", "right", "dense", "lora_A", "lora_B")
 
 
 def probes_per_block(probe_elements: int) -> int:
@@ -56,6 +60,24 @@ class DeltaTarget:
     dense: torch.Tensor | None = None  # m×n (full-space methods only)
     lora_B: torch.Tensor | None = None  # m×R
     lora_A: torch.Tensor | None = None  # R×n
+    offloaded: bool = False  # the factors live in host memory and visit `device` (edgezo/offload.py)
+
+    @contextlib.contextmanager
+    def resident(self, write: bool = False) -> Iterator[None]:
+        """Within: the factors on `device`. An offloaded target gets device copies, written back to the host
+        on leaving if `write` (nothing to do for a target that lives on its device)."""
+        if not self.offloaded:
+            yield
+            return
+        host = {key: getattr(self, key) for key in FACTORS}
+        for key, value in offload.visit(host, self.device).items():
+            setattr(self, key, value)
+        try:
+            yield
+        finally:
+            visited = {key: getattr(self, key) for key in FACTORS}
+            for key, value in (offload.write_back(host, visited) if write else host).items():
+                setattr(self, key, value)
 
     def probe_shape(self) -> tuple[int, int]:
         if self.side == "right":
@@ -304,6 +326,9 @@ class DeltaModel:
 
     def _hook(self, target: DeltaTarget):
         def hook(module, args, output):
+            if target.offloaded:
+                with target.resident():
+                    return target.forward_delta(args[0], output, self.probing)
             return target.forward_delta(args[0], output, self.probing)
 
         return hook
@@ -339,9 +364,10 @@ class DeltaModel:
         return self.model
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        offload.settle(t.device for t in self.targets if t.offloaded)
         out = {}
         for t in self.targets:
-            for key in ("left", "right", "dense", "lora_A", "lora_B"):
+            for key in FACTORS:
                 value = getattr(t, key)
                 if value is not None:
                     out[f"{t.name}.{key}"] = value
@@ -349,7 +375,7 @@ class DeltaModel:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for t in self.targets:
-            for key in ("left", "right", "dense", "lora_A", "lora_B"):
+            for key in FACTORS:
                 value = state.get(f"{t.name}.{key}")
-                setattr(t, key, None if value is None else value.clone())
+                setattr(t, key, offload.to_host(value) if t.offloaded else None if value is None else value.clone())
         vector_delta.load_state_dict(self.vectors, state)

@@ -28,9 +28,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def _lora_pair(target: DeltaTarget, max_rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, dropped energy) for the whole delta of one target, without changing the target."""
-    scratch = copy.copy(target)
+    with target.resident():  # an offloaded target's factors, factored on its device
+        scratch = copy.copy(target)
     if target.side == "full":  # a dense delta: factor it directly
-        scratch.left, scratch.right, scratch.side = target.dense.clone(), torch.eye(target.in_features), "left"
+        scratch.left, scratch.right = scratch.dense.clone(), torch.eye(target.in_features, device=target.device)
+        scratch.side = "left"
     dropped = scratch.fold(max_rank)
     return scratch.lora_B, scratch.lora_A, dropped
 

@@ -75,6 +75,7 @@ class Settings:
     train_1d: bool = False  # also train biases and norms (ZOConfig.train_1d)
     state_dtype: str = "fp32"  # zo-mopi: how P, M and V are stored (ZOMOPI.state_dtype)
     cuda_graph: bool = False  # the update replayed as a CUDA graph (ZOConfig.cuda_graph): its pool stays allocated
+    offload_state: bool = False  # factors and method state in host memory (ZOConfig.offload_state)
     loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
 
     @property
@@ -98,7 +99,7 @@ class Settings:
         out |= {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
                 "adapter_rank": self.adapter_rank}
         # only when on: older runs keep their settings
-        return out | ({"train_1d": True} if self.train_1d else {}) | ({"cuda_graph": True} if self.cuda_graph else {})
+        return out | {key: True for key in ("train_1d", "cuda_graph", "offload_state") if getattr(self, key)}
 
 
 @dataclass
@@ -109,9 +110,12 @@ class MemoryPlan:
     fits: bool | None
     settings: Settings
     advice: str
+    host_bytes: int = 0  # offload_state: the optimizer state and adapter, in host memory instead
+
 
     def to_json(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "host_bytes": self.host_bytes,
                 "items": dict(self.items), "settings": dataclasses.asdict(self.settings), "advice": self.advice}
 
 
@@ -207,6 +211,11 @@ def _validate(s: Settings) -> None:
             raise EdgezoError(f"invalid setting {key}={value!r}; use an integer >= {low}")
     if s.cuda_graph and s.device_type != "cuda":
         raise EdgezoError(f"invalid setting: cuda_graph on {s.device}; CUDA graphs need device cuda")
+    if s.offload_state and s.device_type != "cuda":
+        raise EdgezoError(f"invalid setting: offload_state on {s.device}; it moves the state off a GPU, and "
+                          f"on {s.device} the state is in host memory already")
+    if s.offload_state and s.cuda_graph:
+        raise EdgezoError("invalid setting: cuda_graph with offload_state; turn one off")
     if s.streaming and s.precision in QUANT_BYTES:
         raise EdgezoError(f"invalid setting: streaming with {s.precision}; stream fp32, fp16 or bf16 weights only")
 
@@ -243,18 +252,22 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     probe block (DeltaTarget.probe_chunks) and the slices' perturbed factors in the compute dtype; the
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
     the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
-    together (on CPU, base.probe_sets_drawn_together).
+    together (on CPU, base.probe_sets_drawn_together). With offload_state the factors visit the device
+    too: one target's in the forward, a (smaller) chunk's in the update.
     """
     state = adapter = forward = update = 0
     half = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0  # P, M and V at state_dtype
-    chunk_bytes = update_chunk_bytes(torch.device(s.device_type))
+    chunk_bytes = update_chunk_bytes(torch.device(s.device_type), s.offload_state)
     groups: dict[tuple[int, int], list[int]] = {}  # probe shape -> fp32 working bytes of each target
     for m, n in a.targets:
         r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)
         k = min(s.k, r, n)
         state += {"zo-mopi": r * n + half * (m * r + r * n + n * k), "zo-muon": m * r + r * n,
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
-        adapter += (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
+        lora = (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
+        adapter += lora
+        visiting = int(s.offload_state * 4 * (lora + ({"zo-mopi": half * m * r + r * n, "mezo": m * n}
+                                                      .get(s.optimizer, m * r + r * n))))
         shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))
         probe = shape[0] * shape[1]
         block = _block_bytes(probe, s.n_probes)
@@ -262,8 +275,9 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
             perturbed = block * b // 4 if b < 4 else 0
         else:  # the slices' perturbed factors
             perturbed = s.slices_per_forward * probe * b
-        forward = max(forward, block + perturbed)
-        groups.setdefault(shape, []).append(4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
+        forward = max(forward, block + perturbed + visiting)
+        groups.setdefault(shape, []).append(
+            4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)) + visiting)
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
         drawn = _block_bytes(rows * cols, s.n_probes)
@@ -319,11 +333,13 @@ def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> M
              "activations": activations, "logits": logits, "probes": probes,
              # the update runs after the forward's tensors are freed; a CUDA graph's pool keeps its tensors
              "update": update if s.cuda_graph else max(0, update - activations - logits - probes),
-             "optimizer_state": state, "adapter": adapter, "streaming_window": window}
+             "optimizer_state": 0 if s.offload_state else state, "adapter": 0 if s.offload_state else adapter,
+             "streaming_window": window}
     items["allocator"] = int(ALLOCATOR_SLACK[s.device_type] * (sum(items.values()) - items["runtime"]))
     peak = sum(items.values())
     fits = None if budget is None else peak <= budget
-    return MemoryPlan(items, peak, budget, fits, s, _advice(items, peak, budget, s))
+    host = state + adapter if s.offload_state else 0
+    return MemoryPlan(items, peak, budget, fits, s, _advice(items, peak, budget, s), host)
 
 
 def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -> str:
@@ -335,7 +351,8 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
         "weights": "quantize (quanto-int8, quanto-int4, bnb-nf4) or stream layers (streaming)",
         "activations": "lower batch_size or seq_len, or set fuse=1 (one slice per forward)",
         "logits": "lower batch_size or seq_len, or use the scored loss",
-        "optimizer_state": "lower rank" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
+        "optimizer_state": ("lower rank" if s.optimizer != "mezo" else "use zo-mopi instead of mezo")
+                           + (", or offload_state (the state in host memory)" if s.device_type == "cuda" else ""),
         "update": "lower rank or n_probes" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
         "runtime": "raise the memory budget (the runtime alone needs this much)",
         "allocator": "lower batch_size or seq_len (the caching allocator's slack grows with the tensors)",

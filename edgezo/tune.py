@@ -173,6 +173,9 @@ def tune(
     )
 
     delta = DeltaModel.attach(loaded.model, cfg.targets)
+    if cfg.optim.get("offload_state") and delta.targets[0].device.type != "cuda":
+        raise EdgezoError(f"offload_state moves the trainable state off a GPU; on {delta.targets[0].device.type} "
+                          "it is in host memory already: turn it off")
     parallel = _parallel(cfg, task)
     writer = parallel is None or parallel.rank == 0  # rank 0 alone writes into `out`
     opt = make_optimizer(cfg.optimizer, delta, seed=cfg.seed, variant=cfg.variant,

@@ -268,3 +268,10 @@ def test_tune_cuda_graph_flag_off_a_gpu_is_a_clear_error(files, tmp_path):
     _, model, data, _ = files
     fails("tune", model, data, "--out", tmp_path / "run", "--cuda-graph", *FAST,
           match="cuda_graph needs every trained Linear on a CUDA device")
+
+
+def test_tune_offload_state_flag_off_a_gpu_is_a_clear_error(files, tmp_path):
+    _, model, data, _ = files
+    fails("tune", model, data, "--out", tmp_path / "run", "--offload-state", *FAST,
+          match="offload_state moves the trainable state off a GPU; on cpu it is in host memory already")
+    assert not (tmp_path / "run").exists()  # nothing claimed

@@ -283,3 +283,20 @@ def test_cuda_graph_keeps_the_update_allocated_and_needs_cuda():
     assert "cuda_graph" not in Settings(**small).optimizer_kwargs()
     with pytest.raises(EdgezoError, match="cuda_graph on cpu"):
         plan(SMOL, Settings(**{**small, "device": "cpu"}, cuda_graph=True))
+
+
+def test_offload_state_moves_state_and_adapter_to_host_memory_and_needs_cuda():
+    small = dict(optimizer="zo-mopi", rank=64, k=32, batch_size=1, seq_len=128, loss="scored", device="cuda")
+    resident, offloaded = plan(SMOL, Settings(**small)), plan(SMOL, Settings(**small, offload_state=True))
+    assert resident.host_bytes == 0 and resident.items["optimizer_state"] > 0 and resident.items["adapter"] > 0
+    assert offloaded.items["optimizer_state"] == offloaded.items["adapter"] == 0
+    assert offloaded.host_bytes == resident.items["optimizer_state"] + resident.items["adapter"]
+    # one target's factors visit the forward; the update's chunks are smaller, so it holds less
+    assert offloaded.items["probes"] > resident.items["probes"]
+    assert offloaded.items["update"] < resident.items["update"]
+    assert resident.peak_bytes - offloaded.peak_bytes > offloaded.host_bytes
+    assert Settings(**small, offload_state=True).optimizer_kwargs()["offload_state"] is True
+    with pytest.raises(EdgezoError, match="offload_state on cpu"):
+        plan(SMOL, Settings(**{**small, "device": "cpu"}, offload_state=True))
+    with pytest.raises(EdgezoError, match="cuda_graph with offload_state"):
+        plan(SMOL, Settings(**small, offload_state=True, cuda_graph=True))

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol
 
 import torch
 
-from edgezo.delta import DeltaModel, DeltaTarget
+from edgezo import offload
+from edgezo.delta import FACTORS, DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
 from edgezo.optim.graphed import GraphedUpdate
 from edgezo.zo import estimators
@@ -41,8 +42,9 @@ UPDATE_CHUNK_BYTES = 16 << 20
 UPDATE_CHUNK_BYTES_CUDA = 64 << 20
 
 
-def update_chunk_bytes(device: torch.device) -> int:
-    return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" else UPDATE_CHUNK_BYTES
+def update_chunk_bytes(device: torch.device, offloaded: bool = False) -> int:
+    """Offloaded state (offload_state) visits the GPU a chunk at a time, so its chunks stay small."""
+    return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" and not offloaded else UPDATE_CHUNK_BYTES
 
 
 def probe_sets_drawn_together(probe_set_bytes: int, workers: int) -> int:
@@ -99,6 +101,7 @@ class ZOConfig:
     train_1d: bool = False  # also train biases and norms (vector_delta.py); off, they stay frozen
     lr_1d: float = 1e-5  # their plain ZO-SGD step: MeZO's full-space lr range (docs/defaults.md), not the released 1e-7
     cuda_graph: bool = False  # zo-mopi: replay the update as one CUDA graph (edgezo/optim/graphed.py)
+    offload_state: bool = False  # keep factors and method state in host memory beside a GPU (edgezo/offload.py)
 
 
 class ZOOptimizer:
@@ -116,6 +119,15 @@ class ZOOptimizer:
         for target, st in zip(delta.targets, self.state.per_target):
             target.side = method.side
             method.init(target, st, derive_seed(seed, -1, target.index))
+        if config.offload_state:
+            if config.cuda_graph:
+                raise EdgezoError("cuda_graph and offload_state don't combine (a graph replays the same device "
+                                  "tensors; offloaded state comes to the device anew each step): turn one off")
+            for target, st in zip(delta.targets, self.state.per_target):
+                target.offloaded = True
+                st.update({key: offload.to_host(value) for key, value in st.items()})
+                for key in FACTORS:
+                    setattr(target, key, offload.to_host(getattr(target, key)))
         self.graphed = GraphedUpdate(self) if config.cuda_graph else None
 
     @property
@@ -148,8 +160,9 @@ class ZOOptimizer:
             return False, 0.0
         dropped = 0.0
         for target, st in zip(self.targets, self.state.per_target):
-            dropped = max(dropped, target.fold(self.config.adapter_rank))
-            self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
+            with _resident([target], [st]):
+                dropped = max(dropped, target.fold(self.config.adapter_rank))
+                self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
         return True, dropped
 
     def evaluate(self, loss_fn: LossFn, batch: dict, plan: list[estimators.Slice], t: int) -> torch.Tensor:
@@ -195,12 +208,13 @@ class ZOOptimizer:
         for chunk in chunks:
             targets = [self.targets[i] for i in chunk]
             states = [self.state.per_target[i] for i in chunk]
-            grad = _estimates(targets, scaled, blocks_of)
-            stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
-            step = self.method.update(stacked, grad, lr)
-            torch._foreach_sub_([target.coords() for target in targets], step.unbind())
-            for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
-                torch._foreach_copy_([st[key] for st in states], value.unbind())
+            with _resident(targets, states):
+                grad = _estimates(targets, scaled, blocks_of)
+                stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
+                step = self.method.update(stacked, grad, lr)
+                torch._foreach_sub_([target.coords() for target in targets], step.unbind())
+                for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
+                    torch._foreach_copy_([st[key] for st in states], value.unbind())
 
     def _update_chunks(self) -> list[list[int]]:
         """Indices of the targets updated together: same probe shape, device and state shapes, in
@@ -208,17 +222,19 @@ class ZOOptimizer:
         groups: dict[tuple, list[int]] = {}
         for i, (target, st) in enumerate(zip(self.targets, self.state.per_target)):
             layout = tuple((key, value.shape, value.dtype) for key, value in st.items())
-            groups.setdefault((target.probe_shape(), target.device, layout), []).append(i)
+            groups.setdefault((target.probe_shape(), target.device, target.offloaded, layout), []).append(i)
         chunks = []
-        for (shape, device, _), members in groups.items():
-            st = self.state.per_target[members[0]]
-            per_target = 4 * (math.prod(shape) + sum(v.numel() for v in st.values()))
-            size = max(1, update_chunk_bytes(device) // per_target)
+        for (shape, device, offloaded, _), members in groups.items():
+            st, target = self.state.per_target[members[0]], self.targets[members[0]]
+            visiting = sum(getattr(target, key).numel() for key in FACTORS if getattr(target, key) is not None)
+            per_target = 4 * (math.prod(shape) + sum(v.numel() for v in st.values()) + offloaded * visiting)
+            size = max(1, update_chunk_bytes(device, offloaded) // per_target)
             chunks += [members[i : i + size] for i in range(0, len(members), size)]
         return chunks
 
     # -- explicit state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        offload.settle(t.device for t in self.targets if t.offloaded)
         tensors = {f"{t.name}.{k}": v for t, st in zip(self.targets, self.state.per_target) for k, v in st.items()}
         return {"step": self.state.step, "seed": self.state.seed, "tensors": tensors}
 
@@ -227,7 +243,22 @@ class ZOOptimizer:
         for target, st in zip(self.targets, self.state.per_target):
             prefix = target.name + "."
             st.clear()
-            st.update({k[len(prefix) :]: v.clone() for k, v in sd["tensors"].items() if k.startswith(prefix)})
+            own = {k[len(prefix) :]: v for k, v in sd["tensors"].items() if k.startswith(prefix)}
+            st.update({k: offload.to_host(v) if target.offloaded else v.clone() for k, v in own.items()})
+
+
+@contextlib.contextmanager
+def _resident(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Within: these targets' factors and method state on their device, written back to the host on
+    leaving where they are offloaded (offload_state; otherwise there is nothing to do)."""
+    with contextlib.ExitStack() as stack:
+        for target, st in zip(targets, states):
+            stack.enter_context(target.resident(write=True))
+            if target.offloaded:
+                host = dict(st)
+                st.update(offload.visit(host, target.device))
+                stack.callback(lambda st=st, host=host: st.update(offload.write_back(host, st)))
+        yield
 
 
 @contextlib.contextmanager
