@@ -64,7 +64,7 @@ def _load(args, precision: str):
 def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     dev = args.device
     ids, tune, loss = C.lm_batch(args.vocab, batch, seq, device=dev)
-    opt = C.make_opt(model, "zo-mopi", None, n_probes=args.n_probes)
+    opt = C.make_opt(model, "zo-mopi", None, n_probes=args.n_probes, state_dtype=args.state_dtype)
     n_slices = args.n_probes + 1
 
     def forward():
@@ -84,7 +84,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
         graphed = GraphedUpdate(opt)
     offloaded = None
     if args.offload_state:  # a second optimizer, state in host memory; its hooks are attached only for its step
-        offloaded = C.make_opt(model, "zo-mopi", None, n_probes=args.n_probes, offload_state=True)
+        offloaded = C.make_opt(model, "zo-mopi", None, n_probes=args.n_probes, state_dtype=args.state_dtype,
+                               offload_state=True)
         offloaded.delta.detach()
 
     def offloaded_step():
@@ -202,6 +203,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="print the op profile of one fused step")
     ap.add_argument("--cuda-graph", action="store_true", help="also time the fused step with its update replayed "
                     "as a CUDA graph (ZOConfig.cuda_graph)")
+    ap.add_argument("--state-dtype", default="fp32", help="how ZO-MOPI stores P, M and V (fp32, bf16, fp16)")
     ap.add_argument("--offload-state", action="store_true", help="also time the fused step with its state in "
                     "host memory (ZOConfig.offload_state), in the same rounds")
     ap.add_argument("--no-stacked", dest="stacked", action="store_false",
@@ -234,7 +236,7 @@ def main(argv=None) -> dict:
     where = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     print(f"\n{args.shape} (random init, {params / 1e6:.0f}M params, vocab {args.vocab}"
           f"{f', {args.layers} layers' if args.layers else ''}), {where}; "
-          f"ZO-MOPI r=64 k=32 N={args.n_probes}; median of {args.repeats} after {args.warmup} warm-up")
+          f"ZO-MOPI r=64 k=32 N={args.n_probes}, {args.state_dtype} state; median of {args.repeats} after {args.warmup} warm-up")
     hdr = (f"{'precision':<12}{'batch x seq':<12}{'forward s':>10}{'fused s':>10}{'separate s':>11}{'fused/(N+1)fwd':>15}"
            f"{'sep/(N+1)fwd':>13}{'stack/(N+1)fwd':>15}{'fused/fwd':>10}{'infer tok/s':>12}{'fused tok/s':>12}{'sep tok/s':>10}  target")
     print(hdr)
@@ -248,6 +250,7 @@ def main(argv=None) -> dict:
               f"{r['inference_tokens_per_s']:>12.1f}{r['fused_tokens_per_s']:>12.1f}"
               f"{r['separate_tokens_per_s']:>10.1f}  {tgt}")
     final = dict(bench="speed", device=args.device, where=where, shape=args.shape, layers=args.layers,
+                 state_dtype=args.state_dtype,
                  params=params, precision=args.precision, n_probes=args.n_probes, repeats=args.repeats,
                  seconds=round(time.perf_counter() - t0, 1),
                  rows=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])

@@ -37,6 +37,9 @@ PROBE_BLOCK_ELEMENTS = 1 << 23
 
 # A target's tensors: what it saves, and what visits the device when it is offloaded.
 FACTORS = ("left", "right", "dense", "lora_A", "lora_B")
+# Offloaded targets whose factors the forward copies in ahead of their hook (about one decoder block:
+# hooks run in the model's call order, which within a block need not be the order of the targets).
+FETCH_AHEAD = 8
 
 
 def probes_per_block(probe_elements: int) -> int:
@@ -63,21 +66,30 @@ class DeltaTarget:
     offloaded: bool = False  # the factors live in host memory and visit `device` (edgezo/offload.py)
 
     @contextlib.contextmanager
-    def resident(self, write: bool = False) -> Iterator[None]:
-        """Within: the factors on `device`. An offloaded target gets device copies, written back to the host
-        on leaving if `write` (nothing to do for a target that lives on its device)."""
+    def resident(self, shuttle: "offload.Shuttle | None", keys: tuple[str, ...] = FACTORS,
+                 write: bool = False) -> Iterator[None]:
+        """Within: the factors `keys` on `device`. An offloaded target gets device copies from `shuttle`,
+        written back to the host on leaving if `write` (a target that lives on its device: nothing to do)."""
         if not self.offloaded:
             yield
             return
-        host = {key: getattr(self, key) for key in FACTORS}
-        for key, value in offload.visit(host, self.device).items():
+        host = {key: getattr(self, key) for key in keys}
+        for key, value in shuttle.fetch((self.index, keys), host).items():
             setattr(self, key, value)
         try:
             yield
         finally:
-            visited = {key: getattr(self, key) for key in FACTORS}
-            for key, value in (offload.write_back(host, visited) if write else host).items():
+            visited = {key: getattr(self, key) for key in keys}
+            for key, value in (shuttle.store(self.index, host, visited) if write else host).items():
                 setattr(self, key, value)
+
+    def fetch_ahead(self, shuttle: "offload.Shuttle", keys: tuple[str, ...] = FACTORS) -> None:
+        """Start the copies a later resident(shuttle, keys) will take."""
+        shuttle.fetch_ahead((self.index, keys), {key: getattr(self, key) for key in keys})
+
+    @property
+    def coords_key(self) -> str:
+        return {"right": "right", "left": "left", "full": "dense"}[self.side]
 
     def probe_shape(self) -> tuple[int, int]:
         if self.side == "right":
@@ -88,7 +100,7 @@ class DeltaTarget:
 
     def coords(self) -> torch.Tensor:
         """The window factor that the probes perturb and the update steps (its shape is probe_shape())."""
-        return {"right": self.right, "left": self.left, "full": self.dense}[self.side]
+        return getattr(self, self.coords_key)
 
     def probe_chunks(self, step_seed: int, n_probes: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
         """This target's N probes of a step, as (index of the first, fp32 block (k, *probe_shape())).
@@ -305,6 +317,7 @@ class DeltaModel:
         self.pattern = pattern
         self.vectors: list[VectorDelta] = []
         self.probing: Probing | None = None
+        self.shuttle: offload.Shuttle | None = None  # carries offloaded targets' factors (offload_state)
         self._handles = [t.module.register_forward_hook(self._hook(t)) for t in targets]
 
     @classmethod
@@ -326,10 +339,12 @@ class DeltaModel:
 
     def _hook(self, target: DeltaTarget):
         def hook(module, args, output):
-            if target.offloaded:
-                with target.resident():
-                    return target.forward_delta(args[0], output, self.probing)
-            return target.forward_delta(args[0], output, self.probing)
+            if not target.offloaded:
+                return target.forward_delta(args[0], output, self.probing)
+            with target.resident(self.shuttle):
+                for later in self.targets[target.index + 1 : target.index + 1 + FETCH_AHEAD]:
+                    later.fetch_ahead(self.shuttle)
+                return target.forward_delta(args[0], output, self.probing)
 
         return hook
 
@@ -378,4 +393,6 @@ class DeltaModel:
             for key in FACTORS:
                 value = state.get(f"{t.name}.{key}")
                 setattr(t, key, offload.to_host(value) if t.offloaded else None if value is None else value.clone())
+        if self.shuttle is not None:  # (after the copies into the new host tensors are queued)
+            self.shuttle.reset()
         vector_delta.load_state_dict(self.vectors, state)

@@ -21,14 +21,16 @@ from edgezo.checkpoint import atomic_write
 from edgezo import vector_delta
 from edgezo.delta import DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
+from edgezo.offload import Shuttle
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _lora_pair(target: DeltaTarget, max_rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _lora_pair(target: DeltaTarget, max_rank: int | None,
+               shuttle: Shuttle | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, dropped energy) for the whole delta of one target, without changing the target."""
-    with target.resident():  # an offloaded target's factors, factored on its device
+    with target.resident(shuttle):  # an offloaded target's factors, factored on its device
         scratch = copy.copy(target)
     if target.side == "full":  # a dense delta: factor it directly
         scratch.left, scratch.right = scratch.dense.clone(), torch.eye(target.in_features, device=target.device)
@@ -40,7 +42,7 @@ def _lora_pair(target: DeltaTarget, max_rank: int | None) -> tuple[torch.Tensor,
 def export_adapter(delta: DeltaModel, out_dir: str | Path, base_model: str | Path, max_rank: int | None = None) -> dict:
     """Write adapter_config.json + adapter_model.safetensors; returns a summary (rank, dropped energy)."""
     out_dir = Path(out_dir)
-    pairs = {t.name: _lora_pair(t, max_rank) for t in delta.targets}
+    pairs = {t.name: _lora_pair(t, max_rank, delta.shuttle) for t in delta.targets}
     rank = max(1, max(b.shape[1] for b, _, _ in pairs.values()))
     tensors = {}
     for name, (b, a, _) in pairs.items():

@@ -1,20 +1,24 @@
 """Trainable state kept in host memory beside a GPU (ZOConfig.offload_state).
 
-At rank 64 the state of a 7B model (ZO-MOPI's P, C, M and V) is about 5% of its fp16 weights: more
-than a GPU that just fits the model has left. With offload_state it lives in pinned host memory, and
-each target's tensors visit the GPU only while the forward hook or the update that uses them runs:
-the device then holds one target's factors in the forward, one update chunk's in the update.
+At rank 64 the state of a 7B model (ZO-MOPI's P, C, M and V) is 5-8% of its fp16 weights: more than a
+GPU that just fits the model has left. With offload_state it lives in pinned host memory, and each
+target's tensors visit the GPU only while the forward hook or the update that uses them runs: the
+device holds a few targets' factors in the forward, two update chunks' tensors in the update.
 
-Every copy is asynchronous on the current stream, so it is ordered with the kernels around it and
-the host never waits for it; host code that reads the tensors themselves (checkpoints, export, state
-hashes) calls settle() first.
+A Shuttle makes every copy on a CUDA stream of its own, one target (or update chunk) ahead of its
+use, so the copies overlap the kernels of the compute stream; the compute stream waits only for the
+copy it is about to read. Copies back to the host are queued on the same stream after the kernels
+that produced them, so a later copy in can never read a stale host tensor. Host code that reads the
+host tensors themselves (checkpoints, export, state hashes) calls settle() first.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Hashable, Iterable
 
 import torch
+
+Tensors = dict[str, torch.Tensor | None]
 
 
 def to_host(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -26,14 +30,13 @@ def to_host(value: torch.Tensor | None) -> torch.Tensor | None:
     return host.copy_(value, non_blocking=pinned and value.device.type == "cuda")
 
 
-def visit(host: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
+def visit(host: Tensors, device: torch.device) -> Tensors:
     """Device copies of the host tensors (always copies, so nothing done to them reaches the host)."""
     return {key: None if value is None else value.to(device, non_blocking=True, copy=True)
             for key, value in host.items()}
 
 
-def write_back(host: dict[str, torch.Tensor | None],
-               visited: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+def write_back(host: Tensors, visited: Tensors) -> Tensors:
     """The host tensors after a visit: each copied into in place where its shape and dtype are unchanged,
     a new host tensor where the visit replaced it (a refresh, a fold)."""
     out = {}
@@ -44,6 +47,60 @@ def write_back(host: dict[str, torch.Tensor | None],
         else:
             out[key] = old.copy_(value, non_blocking=old.is_pinned())
     return out
+
+
+class Shuttle:
+    """Carries offloaded tensors between host memory and one device: on CUDA on a side stream, with
+    copies made ahead (fetch_ahead) and taken when used (fetch); elsewhere plain copies."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ahead: dict[tuple[int, Hashable], tuple[Tensors, torch.cuda.Event]] = {}  # (owner, what)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the copies made ahead; later copies wait for the compute stream's work so far (host
+        tensors it has just written, e.g. a loaded checkpoint)."""
+        self._ahead.clear()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def fetch_ahead(self, key: tuple[int, Hashable], host: Tensors) -> None:
+        """Start copying `host` to the device now; fetch(key, ...) takes the copies."""
+        if self.stream is None or key in self._ahead:
+            return
+        with torch.cuda.stream(self.stream):
+            copies = visit(host, self.device)
+        self._ahead[key] = (copies, self.stream.record_event())
+
+    def fetch(self, key: tuple[int, Hashable], host: Tensors) -> Tensors:
+        """Device copies of `host`, usable on the current stream."""
+        if self.stream is None:
+            return visit(host, self.device)
+        self.fetch_ahead(key, host)  # (on the side stream even now: it orders the copy after earlier stores)
+        copies, ready = self._ahead.pop(key)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(ready)
+        for value in copies.values():
+            if value is not None:
+                value.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        return copies
+
+    def store(self, owner: int, host: Tensors, visited: Tensors) -> Tensors:
+        """Copy the visited tensors back into the host ones (write_back) once the kernels queued so far
+        have produced them; the owner's copies made ahead are dropped (they would now be stale)."""
+        for key in [key for key in self._ahead if key[0] == owner]:
+            del self._ahead[key]
+        if self.stream is None:
+            return write_back(host, visited)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = write_back(host, visited)
+        for value in visited.values():
+            if value is not None:
+                value.record_stream(self.stream)
+        return out
 
 
 def settle(devices: Iterable[torch.device]) -> None:

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
-from edgezo.delta import DEFAULT_TARGETS, probes_per_block
+from edgezo.delta import DEFAULT_TARGETS, FETCH_AHEAD, probes_per_block
 from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.optim import DEFAULTS, OPTIMIZERS
@@ -253,9 +253,11 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
     the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
     together (on CPU, base.probe_sets_drawn_together). With offload_state the factors visit the device
-    too: one target's in the forward, a (smaller) chunk's in the update.
+    too: in the forward the hooked target's and those fetched ahead of it; in the update the coordinates
+    of two (smaller) chunks, the one computing and the next arriving.
     """
     state = adapter = forward = update = 0
+    visiting: list[int] = []  # offload_state: each target's factors, which visit the device in the forward
     half = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0  # P, M and V at state_dtype
     chunk_bytes = update_chunk_bytes(torch.device(s.device_type), s.offload_state)
     groups: dict[tuple[int, int], list[int]] = {}  # probe shape -> fp32 working bytes of each target
@@ -266,8 +268,8 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
                   "lozo": m * r + r * n, "mezo": m * n}[s.optimizer]
         lora = (m + n) * min(s.adapter_rank, m, n) if _has_adapter(s) else 0
         adapter += lora
-        visiting = int(s.offload_state * 4 * (lora + ({"zo-mopi": half * m * r + r * n, "mezo": m * n}
-                                                      .get(s.optimizer, m * r + r * n))))
+        factors = {"zo-mopi": half * m * r + r * n, "mezo": m * n}.get(s.optimizer, m * r + r * n)
+        visiting.append(int(4 * (lora + factors)) if s.offload_state else 0)
         shape = {"lozo": (m, r), "mezo": (m, n)}.get(s.optimizer, (r, n))
         probe = shape[0] * shape[1]
         block = _block_bytes(probe, s.n_probes)
@@ -275,16 +277,19 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
             perturbed = block * b // 4 if b < 4 else 0
         else:  # the slices' perturbed factors
             perturbed = s.slices_per_forward * probe * b
-        forward = max(forward, block + perturbed + visiting)
+        forward = max(forward, block + perturbed)
         groups.setdefault(shape, []).append(
-            4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)) + visiting)
+            4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0) + s.offload_state * probe))
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
         drawn = _block_bytes(rows * cols, s.n_probes)
         if s.device_type == "cpu" and s.optimizer != "mezo":  # whole probe sets drawn together (base._probe_blocks)
             probe_set = 4 * rows * cols * s.n_probes
             drawn = probe_set * max(1, probe_sets_drawn_together(probe_set, MAX_DRAW_WORKERS))
-        update = max(update, UPDATE_WORKING[s.optimizer] * chunk + drawn)
+        # offloaded: the next chunk's tensors arrive while this one computes
+        update = max(update, (UPDATE_WORKING[s.optimizer] + s.offload_state) * chunk + drawn)
+    # offloaded: the hooked target's factors and those fetched ahead of it (delta.FETCH_AHEAD)
+    forward += max((sum(visiting[i : i + FETCH_AHEAD + 1]) for i in range(len(visiting))), default=0)
     state += a.vector_elems if s.train_1d else 0
     return int(4 * state), 4 * adapter, forward, update
 

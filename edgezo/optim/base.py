@@ -116,18 +116,19 @@ class ZOOptimizer:
             delta.add_vectors()
         elif delta.vectors and not config.train_1d:  # they would be probed or applied but never trained
             raise EdgezoError("this DeltaModel carries 1-D deltas; train it with train_1d=True")
+        if config.offload_state and config.cuda_graph:
+            raise EdgezoError("cuda_graph and offload_state don't combine (a graph replays the same device "
+                              "tensors; offloaded state comes to the device anew each step): turn one off")
         for target, st in zip(delta.targets, self.state.per_target):
             target.side = method.side
             method.init(target, st, derive_seed(seed, -1, target.index))
-        if config.offload_state:
-            if config.cuda_graph:
-                raise EdgezoError("cuda_graph and offload_state don't combine (a graph replays the same device "
-                                  "tensors; offloaded state comes to the device anew each step): turn one off")
-            for target, st in zip(delta.targets, self.state.per_target):
+            if config.offload_state:  # one target's state at a time on the device
                 target.offloaded = True
                 st.update({key: offload.to_host(value) for key, value in st.items()})
                 for key in FACTORS:
                     setattr(target, key, offload.to_host(getattr(target, key)))
+        if config.offload_state:
+            delta.shuttle = offload.Shuttle(delta.targets[0].device)
         self.graphed = GraphedUpdate(self) if config.cuda_graph else None
 
     @property
@@ -160,7 +161,7 @@ class ZOOptimizer:
             return False, 0.0
         dropped = 0.0
         for target, st in zip(self.targets, self.state.per_target):
-            with _resident([target], [st]):
+            with _resident([target], [st], self.delta.shuttle, FACTORS):
                 dropped = max(dropped, target.fold(self.config.adapter_rank))
                 self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
         return True, dropped
@@ -205,10 +206,14 @@ class ZOOptimizer:
         """The matrix targets' update from g_i/N (`scaled`) and their probe blocks: Ĝ, then one
         method.update per chunk of same-shape targets. No host sync: a CUDA graph can capture it
         (with `scaled` and `lr` as device tensors it refills before each replay)."""
-        for chunk in chunks:
+        shuttle = self.delta.shuttle
+        for j, chunk in enumerate(chunks):
             targets = [self.targets[i] for i in chunk]
             states = [self.state.per_target[i] for i in chunk]
-            with _resident(targets, states):
+            with _resident(targets, states, shuttle):
+                if j + 1 < len(chunks):  # offloaded: the next chunk's copies overlap this chunk's kernels
+                    for i in chunks[j + 1]:
+                        _fetch_ahead(self.targets[i], self.state.per_target[i], shuttle)
                 grad = _estimates(targets, scaled, blocks_of)
                 stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
                 step = self.method.update(stacked, grad, lr)
@@ -225,9 +230,8 @@ class ZOOptimizer:
             groups.setdefault((target.probe_shape(), target.device, target.offloaded, layout), []).append(i)
         chunks = []
         for (shape, device, offloaded, _), members in groups.items():
-            st, target = self.state.per_target[members[0]], self.targets[members[0]]
-            visiting = sum(getattr(target, key).numel() for key in FACTORS if getattr(target, key) is not None)
-            per_target = 4 * (math.prod(shape) + sum(v.numel() for v in st.values()) + offloaded * visiting)
+            st = self.state.per_target[members[0]]  # (offloaded: the coordinates, probe-shaped, visit too)
+            per_target = 4 * ((1 + offloaded) * math.prod(shape) + sum(v.numel() for v in st.values()))
             size = max(1, update_chunk_bytes(device, offloaded) // per_target)
             chunks += [members[i : i + size] for i in range(0, len(members), size)]
         return chunks
@@ -245,20 +249,31 @@ class ZOOptimizer:
             st.clear()
             own = {k[len(prefix) :]: v for k, v in sd["tensors"].items() if k.startswith(prefix)}
             st.update({k: offload.to_host(v) if target.offloaded else v.clone() for k, v in own.items()})
+        if self.delta.shuttle is not None:  # (after the copies into the new host tensors are queued)
+            self.delta.shuttle.reset()
 
 
 @contextlib.contextmanager
-def _resident(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]]) -> Iterator[None]:
-    """Within: these targets' factors and method state on their device, written back to the host on
-    leaving where they are offloaded (offload_state; otherwise there is nothing to do)."""
+def _resident(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]], shuttle: offload.Shuttle | None,
+              factors: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Within: these targets' method state and factors (default: their coordinates, all the update
+    touches) on their device, written back to the host on leaving where they are offloaded
+    (offload_state; otherwise there is nothing to do)."""
     with contextlib.ExitStack() as stack:
         for target, st in zip(targets, states):
-            stack.enter_context(target.resident(write=True))
+            stack.enter_context(target.resident(shuttle, factors or (target.coords_key,), write=True))
             if target.offloaded:
                 host = dict(st)
-                st.update(offload.visit(host, target.device))
-                stack.callback(lambda st=st, host=host: st.update(offload.write_back(host, st)))
+                st.update(shuttle.fetch((target.index, "state"), host))
+                stack.callback(lambda st=st, host=host, i=target.index: st.update(shuttle.store(i, host, st)))
         yield
+
+
+def _fetch_ahead(target: DeltaTarget, state: dict[str, torch.Tensor], shuttle: offload.Shuttle | None) -> None:
+    """Start the copies _resident(target's chunk) will take (offloaded targets only)."""
+    if target.offloaded:
+        target.fetch_ahead(shuttle, (target.coords_key,))
+        shuttle.fetch_ahead((target.index, "state"), state)
 
 
 @contextlib.contextmanager
