@@ -67,15 +67,15 @@ case $stage in
   offload) # the state in host memory (offload_state): its tests on the GPU, then speed and memory beside resident state
          python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_graphed.py 2>&1 | tail -n 5 \
            | tee $OUT/test_offload_cuda.log
-         for dt in fp16 fp32; do
-           python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1,32 --seq 128 --repeats 3 \
-             --state-dtype $dt --offload-state 2>&1 | grep -v Warn | tee $OUT/speed_opt67_offload_$dt.log | tail -n 7
-         done
-         python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16,bnb-nf4 --batch 1 --seq 128 \
+         python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1,32 --seq 128 --repeats 3 \
+           --state-dtype fp16 --offload-state ${PROFILE:+--profile} 2>&1 | grep -v Warn > $OUT/speed_opt67_offload.log
+         grep -E "state in host|fused step parts|op calls|^fp16" $OUT/speed_opt67_offload.log
+         python3 bench/memory.py --device cuda --shape opt-6.7b --precision ${PRECISIONS:-fp16} --batch 1 --seq 128 \
            --optimizers zo-mopi --state-dtypes fp16 --offload-state --fuse all 2>&1 \
-           | tee $OUT/memory_opt67_b1_offload.log | tail -n 16
-         python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 \
-           --optimizers zo-mopi --state-dtypes fp16 --offload-state 2>&1 | tee $OUT/memory_opt67_b32_offload.log | tail -n 10 ;;
+           | tee $OUT/memory_opt67_b1_offload.log | tail -n 10 | head -n 8
+         [ -n "${B32:-}" ] && python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 \
+           --optimizers zo-mopi --state-dtypes fp16 --offload-state 2>&1 | tee $OUT/memory_opt67_b32_offload.log | tail -n 10
+         true ;;
   nf4)   # bitsandbytes nf4 bases: speed at both shapes, memory at OPT-6.7B (fp16 beside it, M and V fp16 too)
          for shape in opt-1.3b opt-6.7b; do
            python3 bench/speed.py --device cuda --shape $shape --precision bnb-nf4 --batch 1,32 --seq 128 --repeats 3 \

@@ -23,6 +23,7 @@ Prints a table; the last line is one JSON object with the headline figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -88,14 +89,19 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
                                offload_state=True)
         offloaded.delta.detach()
 
-    def offloaded_step():
+    @contextlib.contextmanager
+    def offloaded_hooks():  # the offloaded optimizer's hooks in place of the resident one's
         with C.plain(opt.delta):
             offloaded.delta._handles = [t.module.register_forward_hook(offloaded.delta._hook(t))
                                         for t in offloaded.delta.targets]
             try:
-                offloaded.step(loss, tune)
+                yield
             finally:
                 offloaded.delta.detach()
+
+    def offloaded_step():
+        with offloaded_hooks():
+            offloaded.step(loss, tune)
 
     def step(fuse, graph=False):
         def run():
@@ -129,6 +135,10 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     if args.profile:
         opt.config.fuse, opt.graphed = None, None
         _profile(opt, loss, tune, dev, log)
+        if offloaded is not None:
+            log("  the same, state in host memory (offload_state):")
+            with offloaded_hooks():
+                _profile(offloaded, loss, tune, dev, log)
     opt.delta.detach()
     med = {k: C.median(v) for k, v in times.items()}
     tokens, nine_fwd = batch * seq, n_slices * med["forward"]

@@ -74,18 +74,18 @@ class DeltaTarget:
             yield
             return
         host = {key: getattr(self, key) for key in keys}
-        for key, value in shuttle.fetch((self.index, keys), host).items():
+        for key, value in shuttle.fetch((self.index, keys), [self.index], host).items():
             setattr(self, key, value)
         try:
             yield
         finally:
             visited = {key: getattr(self, key) for key in keys}
-            for key, value in (shuttle.store(self.index, host, visited) if write else host).items():
+            for key, value in (shuttle.store([self.index], host, visited) if write else host).items():
                 setattr(self, key, value)
 
     def fetch_ahead(self, shuttle: "offload.Shuttle", keys: tuple[str, ...] = FACTORS) -> None:
         """Start the copies a later resident(shuttle, keys) will take."""
-        shuttle.fetch_ahead((self.index, keys), {key: getattr(self, key) for key in keys})
+        shuttle.fetch_ahead((self.index, keys), [self.index], {key: getattr(self, key) for key in keys})
 
     @property
     def coords_key(self) -> str:

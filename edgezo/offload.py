@@ -18,7 +18,7 @@ from typing import Hashable, Iterable
 
 import torch
 
-Tensors = dict[str, torch.Tensor | None]
+Tensors = dict[Hashable, torch.Tensor | None]
 
 
 def to_host(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -56,7 +56,7 @@ class Shuttle:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._ahead: dict[tuple[int, Hashable], tuple[Tensors, torch.cuda.Event]] = {}  # (owner, what)
+        self._ahead: dict[Hashable, tuple[Tensors, torch.cuda.Event, frozenset[int]]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -66,20 +66,21 @@ class Shuttle:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
-    def fetch_ahead(self, key: tuple[int, Hashable], host: Tensors) -> None:
-        """Start copying `host` to the device now; fetch(key, ...) takes the copies."""
+    def fetch_ahead(self, key: Hashable, owners: Iterable[int], host: Tensors) -> None:
+        """Start copying `host` (tensors of the targets `owners`) to the device now; fetch(key, ...) takes
+        the copies."""
         if self.stream is None or key in self._ahead:
             return
         with torch.cuda.stream(self.stream):
             copies = visit(host, self.device)
-        self._ahead[key] = (copies, self.stream.record_event())
+        self._ahead[key] = (copies, self.stream.record_event(), frozenset(owners))
 
-    def fetch(self, key: tuple[int, Hashable], host: Tensors) -> Tensors:
-        """Device copies of `host`, usable on the current stream."""
+    def fetch(self, key: Hashable, owners: Iterable[int], host: Tensors) -> Tensors:
+        """Device copies of `host` (tensors of the targets `owners`), usable on the current stream."""
         if self.stream is None:
             return visit(host, self.device)
-        self.fetch_ahead(key, host)  # (on the side stream even now: it orders the copy after earlier stores)
-        copies, ready = self._ahead.pop(key)
+        self.fetch_ahead(key, owners, host)  # (on the side stream even now: ordered after earlier stores)
+        copies, ready, _ = self._ahead.pop(key)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(ready)
         for value in copies.values():
@@ -87,10 +88,11 @@ class Shuttle:
                 value.record_stream(compute)  # allocated on the side stream, used and freed on this one
         return copies
 
-    def store(self, owner: int, host: Tensors, visited: Tensors) -> Tensors:
+    def store(self, owners: Iterable[int], host: Tensors, visited: Tensors) -> Tensors:
         """Copy the visited tensors back into the host ones (write_back) once the kernels queued so far
-        have produced them; the owner's copies made ahead are dropped (they would now be stale)."""
-        for key in [key for key in self._ahead if key[0] == owner]:
+        have produced them; copies made ahead of the owners' tensors are dropped (they are now stale)."""
+        owners = frozenset(owners)
+        for key in [key for key, (_, _, of) in self._ahead.items() if of & owners]:
             del self._ahead[key]
         if self.stream is None:
             return write_back(host, visited)

@@ -254,12 +254,12 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
     together (on CPU, base.probe_sets_drawn_together). With offload_state the factors visit the device
     too: in the forward the hooked target's and those fetched ahead of it; in the update the coordinates
-    of two (smaller) chunks, the one computing and the next arriving.
+    and method state of two chunks, the one computing and the next arriving.
     """
     state = adapter = forward = update = 0
     visiting: list[int] = []  # offload_state: each target's factors, which visit the device in the forward
     half = FLOAT_BYTES[s.state_dtype] / 4 if s.optimizer == "zo-mopi" else 1.0  # P, M and V at state_dtype
-    chunk_bytes = update_chunk_bytes(torch.device(s.device_type), s.offload_state)
+    chunk_bytes = update_chunk_bytes(torch.device(s.device_type))
     groups: dict[tuple[int, int], list[int]] = {}  # probe shape -> fp32 working bytes of each target
     for m, n in a.targets:
         r = min(s.rank, m, n) if s.optimizer == "lozo" else min(s.rank, m)

@@ -42,9 +42,8 @@ UPDATE_CHUNK_BYTES = 16 << 20
 UPDATE_CHUNK_BYTES_CUDA = 64 << 20
 
 
-def update_chunk_bytes(device: torch.device, offloaded: bool = False) -> int:
-    """Offloaded state (offload_state) visits the GPU a chunk at a time, so its chunks stay small."""
-    return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" and not offloaded else UPDATE_CHUNK_BYTES
+def update_chunk_bytes(device: torch.device) -> int:
+    return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" else UPDATE_CHUNK_BYTES
 
 
 def probe_sets_drawn_together(probe_set_bytes: int, workers: int) -> int:
@@ -212,8 +211,8 @@ class ZOOptimizer:
             states = [self.state.per_target[i] for i in chunk]
             with _resident(targets, states, shuttle):
                 if j + 1 < len(chunks):  # offloaded: the next chunk's copies overlap this chunk's kernels
-                    for i in chunks[j + 1]:
-                        _fetch_ahead(self.targets[i], self.state.per_target[i], shuttle)
+                    _fetch_ahead([self.targets[i] for i in chunks[j + 1]],
+                                 [self.state.per_target[i] for i in chunks[j + 1]], shuttle)
                 grad = _estimates(targets, scaled, blocks_of)
                 stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
                 step = self.method.update(stacked, grad, lr)
@@ -232,7 +231,7 @@ class ZOOptimizer:
         for (shape, device, offloaded, _), members in groups.items():
             st = self.state.per_target[members[0]]  # (offloaded: the coordinates, probe-shaped, visit too)
             per_target = 4 * ((1 + offloaded) * math.prod(shape) + sum(v.numel() for v in st.values()))
-            size = max(1, update_chunk_bytes(device, offloaded) // per_target)
+            size = max(1, update_chunk_bytes(device) // per_target)
             chunks += [members[i : i + size] for i in range(0, len(members), size)]
         return chunks
 
@@ -257,23 +256,46 @@ class ZOOptimizer:
 def _resident(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]], shuttle: offload.Shuttle | None,
               factors: tuple[str, ...] | None = None) -> Iterator[None]:
     """Within: these targets' method state and factors (default: their coordinates, all the update
-    touches) on their device, written back to the host on leaving where they are offloaded
-    (offload_state; otherwise there is nothing to do)."""
-    with contextlib.ExitStack() as stack:
-        for target, st in zip(targets, states):
-            stack.enter_context(target.resident(shuttle, factors or (target.coords_key,), write=True))
-            if target.offloaded:
-                host = dict(st)
-                st.update(shuttle.fetch((target.index, "state"), host))
-                stack.callback(lambda st=st, host=host, i=target.index: st.update(shuttle.store(i, host, st)))
+    touches) on their device, written back to the host on leaving, if they are offloaded (offload_state;
+    otherwise there is nothing to do). One fetch and one store for them all."""
+    if not targets[0].offloaded:
         yield
+        return
+    host = _held(targets, states, factors)
+    _place(targets, states, shuttle.fetch(_key(targets, factors), [t.index for t in targets], host))
+    try:
+        yield
+    finally:
+        _place(targets, states, shuttle.store([t.index for t in targets], host, _held(targets, states, factors)))
 
 
-def _fetch_ahead(target: DeltaTarget, state: dict[str, torch.Tensor], shuttle: offload.Shuttle | None) -> None:
-    """Start the copies _resident(target's chunk) will take (offloaded targets only)."""
-    if target.offloaded:
-        target.fetch_ahead(shuttle, (target.coords_key,))
-        shuttle.fetch_ahead((target.index, "state"), state)
+def _fetch_ahead(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]],
+                 shuttle: offload.Shuttle | None) -> None:
+    """Start the copies a later _resident(targets, states, shuttle) will take."""
+    if targets[0].offloaded:
+        shuttle.fetch_ahead(_key(targets, None), [t.index for t in targets], _held(targets, states, None))
+
+
+def _key(targets: list[DeltaTarget], factors: tuple[str, ...] | None) -> tuple:
+    return tuple(t.index for t in targets), factors
+
+
+def _held(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]],
+          factors: tuple[str, ...] | None) -> dict[tuple[int, str, str], torch.Tensor | None]:
+    """The tensors _resident moves, keyed by (target position, "factor" | "state", name)."""
+    out = {}
+    for i, (target, st) in enumerate(zip(targets, states)):
+        out.update({(i, "factor", key): getattr(target, key) for key in factors or (target.coords_key,)})
+        out.update({(i, "state", key): value for key, value in st.items()})
+    return out
+
+
+def _place(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]], tensors: dict) -> None:
+    for (i, kind, key), value in tensors.items():
+        if kind == "factor":
+            setattr(targets[i], key, value)
+        else:
+            states[i][key] = value
 
 
 @contextlib.contextmanager
