@@ -390,9 +390,11 @@ class DeltaModel:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for t in self.targets:
-            for key in FACTORS:
-                value = state.get(f"{t.name}.{key}")
-                setattr(t, key, offload.to_host(value) if t.offloaded else None if value is None else value.clone())
+            loaded = {key: state.get(f"{t.name}.{key}") for key in FACTORS}
+            if t.offloaded:  # into the host tensors in place, where they keep their packing
+                loaded = offload.write_back({key: getattr(t, key) for key in FACTORS}, loaded)
+            for key, value in loaded.items():
+                setattr(t, key, value if t.offloaded or value is None else value.clone())
         if self.shuttle is not None:  # (after the copies into the new host tensors are queued)
             self.shuttle.reset()
         vector_delta.load_state_dict(self.vectors, state)

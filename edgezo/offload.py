@@ -21,6 +21,9 @@ import torch
 Tensors = dict[Hashable, torch.Tensor | None]
 
 
+ALIGN = 64  # bytes: every packed tensor starts on a boundary any dtype can be viewed from
+
+
 def to_host(value: torch.Tensor | None) -> torch.Tensor | None:
     """A host copy of `value`, pinned where CUDA is present (pinned memory is what copies asynchronously)."""
     if value is None:
@@ -30,17 +33,83 @@ def to_host(value: torch.Tensor | None) -> torch.Tensor | None:
     return host.copy_(value, non_blocking=pinned and value.device.type == "cuda")
 
 
+def pack(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The tensors laid out one after another in one host buffer (pinned where CUDA is present), as
+    views: tensors that are fetched or stored together then move in one copy (visit, write_back)."""
+    offsets, end = [], 0
+    for value in tensors:
+        offsets.append(end)
+        end += 0 if value is None else -(-value.numel() * value.element_size() // ALIGN) * ALIGN
+    buffer = torch.empty(end, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    out = []
+    for value, start in zip(tensors, offsets):
+        if value is None:
+            out.append(None)
+            continue
+        view = _typed(buffer, start, value)
+        out.append(view.copy_(value))
+    return out
+
+
+def _typed(buffer: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
+    """The bytes of `buffer` from `start` seen as a tensor of like's shape and dtype."""
+    return buffer[start : start + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+
+
+def _root(value: torch.Tensor) -> torch.Tensor:
+    """The whole buffer a tensor lies in, as bytes (pack's buffer, or the tensor's own storage)."""
+    return value._base if value._base is not None and value._base.dtype == torch.uint8 else value.view(-1).view(
+        torch.uint8)
+
+
+def _storage(value: torch.Tensor) -> int:
+    return value.untyped_storage().data_ptr()
+
+
+def _groups(tensors: Tensors) -> dict[int, list[Hashable]]:
+    """The keys of the (non-None) tensors, grouped by the buffer they lie in."""
+    out: dict[int, list[Hashable]] = {}
+    for key, value in tensors.items():
+        if value is not None:
+            out.setdefault(_root(value).data_ptr(), []).append(key)
+    return out
+
+
 def visit(host: Tensors, device: torch.device) -> Tensors:
-    """Device copies of the host tensors (always copies, so nothing done to them reaches the host)."""
-    return {key: None if value is None else value.to(device, non_blocking=True, copy=True)
-            for key, value in host.items()}
+    """Device copies of the host tensors (always copies, so nothing done to them reaches the host): one
+    copy for the tensors that lie in one buffer, covering them all."""
+    out: Tensors = {key: None for key in host}
+    for keys in _groups(host).values():
+        root = _root(host[keys[0]])
+        starts = [host[key].data_ptr() - root.data_ptr() for key in keys]
+        low = min(starts)
+        high = max(start + host[key].numel() * host[key].element_size() for key, start in zip(keys, starts))
+        carried = root[low:high].to(device, non_blocking=True, copy=True)
+        for key, start in zip(keys, starts):
+            out[key] = _typed(carried, start - low, host[key])
+    return out
 
 
 def write_back(host: Tensors, visited: Tensors) -> Tensors:
-    """The host tensors after a visit: each copied into in place where its shape and dtype are unchanged,
-    a new host tensor where the visit replaced it (a refresh, a fold)."""
-    out = {}
+    """The host tensors after a visit: written in place where shape and dtype are unchanged (in one copy
+    for a buffer whose tensors all still lie where visit put them), a new host tensor where the visit
+    replaced one with another shape (a refresh, a fold)."""
+    out: Tensors = {}
+    for keys in _groups(host).values():
+        root = _root(host[keys[0]])
+        pairs = [(host[key], visited[key]) for key in keys]
+        carried = pairs[0][1]._base if pairs[0][1] is not None else None
+        if carried is not None and carried.dtype == torch.uint8 and all(
+                v is not None and v.shape == h.shape and v.dtype == h.dtype and _storage(v) == _storage(carried)
+                for h, v in pairs):
+            offsets = {v.data_ptr() - h.data_ptr() for h, v in pairs}
+            if len(offsets) == 1:  # every tensor still where visit put it: the buffer goes back as a whole
+                low = carried.data_ptr() - offsets.pop() - root.data_ptr()
+                root[low : low + carried.numel()].copy_(carried, non_blocking=root.is_pinned())
+                out.update({key: host[key] for key in keys})
     for key, value in visited.items():
+        if key in out:
+            continue
         old = host.get(key)
         if value is None or old is None or old.shape != value.shape or old.dtype != value.dtype:
             out[key] = to_host(value)
@@ -83,9 +152,8 @@ class Shuttle:
         copies, ready, _ = self._ahead.pop(key)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(ready)
-        for value in copies.values():
-            if value is not None:
-                value.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        for value in {_storage(v): v for v in copies.values() if v is not None}.values():
+            value.record_stream(compute)  # allocated on the side stream, used and freed on this one
         return copies
 
     def store(self, owners: Iterable[int], host: Tensors, visited: Tensors) -> Tensors:
@@ -99,9 +167,8 @@ class Shuttle:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             out = write_back(host, visited)
-        for value in visited.values():
-            if value is not None:
-                value.record_stream(self.stream)
+        for value in {_storage(v): v for v in visited.values() if v is not None}.values():
+            value.record_stream(self.stream)
         return out
 
 

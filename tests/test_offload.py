@@ -73,3 +73,21 @@ def test_offloaded_run_resumes_from_a_checkpoint_and_exports_the_same_adapter(de
 def test_offload_state_with_cuda_graph_is_a_clear_error():
     with pytest.raises(EdgezoError, match="cuda_graph and offload_state don't combine"):
         _run(True, 0, "cpu", cuda_graph=True)
+
+
+def test_an_update_chunk_moves_to_the_device_and_back_in_one_copy():
+    from edgezo import offload
+    from edgezo.optim.base import _held
+
+    delta, opt, _ = _run(True, 1, "cpu")
+    chunk = opt._update_chunks()[0]
+    assert len(chunk) > 1
+    targets, states = [opt.targets[i] for i in chunk], [opt.state.per_target[i] for i in chunk]
+    host = _held(targets, states, None)  # coordinates and method state of every target of the chunk
+    copies = offload.visit(host, torch.device("cpu"))
+    assert len({v.untyped_storage().data_ptr() for v in copies.values()}) == 1
+    assert all(torch.equal(copies[k], host[k]) for k in host)
+    for value in copies.values():
+        value.add_(1)
+    back = offload.write_back(host, copies)
+    assert all(back[k] is host[k] and torch.equal(host[k], copies[k]) for k in host)  # in place, all of it

@@ -123,10 +123,13 @@ class ZOOptimizer:
             method.init(target, st, derive_seed(seed, -1, target.index))
             if config.offload_state:  # one target's state at a time on the device
                 target.offloaded = True
-                st.update({key: offload.to_host(value) for key, value in st.items()})
-                for key in FACTORS:
-                    setattr(target, key, offload.to_host(getattr(target, key)))
-        if config.offload_state:
+                _place([target], [st], {key: None if value is None else value.cpu()
+                                        for key, value in _held([target], [st], FACTORS).items()})
+        if config.offload_state:  # each update chunk's tensors in one pinned buffer: it moves in one copy
+            for chunk in self._update_chunks():
+                targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+                held = _held(targets, states, FACTORS)
+                _place(targets, states, dict(zip(held, offload.pack(list(held.values())))))
             delta.shuttle = offload.Shuttle(delta.targets[0].device)
         self.graphed = GraphedUpdate(self) if config.cuda_graph else None
 
@@ -245,9 +248,10 @@ class ZOOptimizer:
         self.state.step, self.state.seed = int(sd["step"]), int(sd["seed"])
         for target, st in zip(self.targets, self.state.per_target):
             prefix = target.name + "."
-            st.clear()
             own = {k[len(prefix) :]: v for k, v in sd["tensors"].items() if k.startswith(prefix)}
-            st.update({k: offload.to_host(v) if target.offloaded else v.clone() for k, v in own.items()})
+            held = dict(st)
+            st.clear()  # offloaded: loaded into the host tensors in place, where they keep their packing
+            st.update(offload.write_back(held, own) if target.offloaded else {k: v.clone() for k, v in own.items()})
         if self.delta.shuttle is not None:  # (after the copies into the new host tensors are queued)
             self.delta.shuttle.reset()
 
