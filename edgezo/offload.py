@@ -56,56 +56,62 @@ def _typed(buffer: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor
     return buffer[start : start + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
 
 
-def _root(value: torch.Tensor) -> torch.Tensor:
-    """The whole buffer a tensor lies in, as bytes (pack's buffer, or the tensor's own storage)."""
-    return value._base if value._base is not None and value._base.dtype == torch.uint8 else value.view(-1).view(
-        torch.uint8)
+def _bytes(value: torch.Tensor) -> torch.Tensor:
+    """All of the storage a tensor lies in (pack's buffer, or its own), as bytes."""
+    return torch.empty(0, dtype=torch.uint8, device=value.device).set_(value.untyped_storage())
 
 
 def _storage(value: torch.Tensor) -> int:
     return value.untyped_storage().data_ptr()
 
 
-def _groups(tensors: Tensors) -> dict[int, list[Hashable]]:
-    """The keys of the (non-None) tensors, grouped by the buffer they lie in."""
+def _offset(value: torch.Tensor) -> int:
+    """Where the tensor starts in its storage, in bytes."""
+    return value.data_ptr() - _storage(value)
+
+
+def _groups(tensors: Tensors) -> list[list[Hashable]]:
+    """The keys of the (non-None) tensors, grouped by the storage they lie in."""
     out: dict[int, list[Hashable]] = {}
     for key, value in tensors.items():
         if value is not None:
-            out.setdefault(_root(value).data_ptr(), []).append(key)
-    return out
+            out.setdefault(_storage(value), []).append(key)
+    return list(out.values())
+
+
+def _span(values: list[torch.Tensor]) -> tuple[int, int]:
+    """The bytes of their storage that tensors lying in one storage cover, first to last."""
+    return (min(_offset(v) for v in values),
+            max(_offset(v) + v.numel() * v.element_size() for v in values))
 
 
 def visit(host: Tensors, device: torch.device) -> Tensors:
     """Device copies of the host tensors (always copies, so nothing done to them reaches the host): one
-    copy for the tensors that lie in one buffer, covering them all."""
+    copy for the tensors that lie in one storage (a packed buffer), covering them all."""
     out: Tensors = {key: None for key in host}
-    for keys in _groups(host).values():
-        root = _root(host[keys[0]])
-        starts = [host[key].data_ptr() - root.data_ptr() for key in keys]
-        low = min(starts)
-        high = max(start + host[key].numel() * host[key].element_size() for key, start in zip(keys, starts))
-        carried = root[low:high].to(device, non_blocking=True, copy=True)
-        for key, start in zip(keys, starts):
-            out[key] = _typed(carried, start - low, host[key])
+    for keys in _groups(host):
+        values = [host[key] for key in keys]
+        low, high = _span(values)
+        carried = _bytes(values[0])[low:high].to(device, non_blocking=True, copy=True)
+        for key, value in zip(keys, values):
+            out[key] = _typed(carried, _offset(value) - low, value)
     return out
 
 
 def write_back(host: Tensors, visited: Tensors) -> Tensors:
     """The host tensors after a visit: written in place where shape and dtype are unchanged (in one copy
-    for a buffer whose tensors all still lie where visit put them), a new host tensor where the visit
+    for a storage whose tensors all still lie as visit laid them out), a new host tensor where the visit
     replaced one with another shape (a refresh, a fold)."""
     out: Tensors = {}
-    for keys in _groups(host).values():
-        root = _root(host[keys[0]])
+    for keys in _groups(host):
         pairs = [(host[key], visited[key]) for key in keys]
-        carried = pairs[0][1]._base if pairs[0][1] is not None else None
-        if carried is not None and carried.dtype == torch.uint8 and all(
-                v is not None and v.shape == h.shape and v.dtype == h.dtype and _storage(v) == _storage(carried)
-                for h, v in pairs):
-            offsets = {v.data_ptr() - h.data_ptr() for h, v in pairs}
-            if len(offsets) == 1:  # every tensor still where visit put it: the buffer goes back as a whole
-                low = carried.data_ptr() - offsets.pop() - root.data_ptr()
-                root[low : low + carried.numel()].copy_(carried, non_blocking=root.is_pinned())
+        if all(v is not None and v.shape == h.shape and v.dtype == h.dtype and v.is_contiguous()
+               and _storage(v) == _storage(pairs[0][1]) for h, v in pairs):
+            shifts = {_offset(v) - _offset(h) for h, v in pairs}
+            if len(shifts) == 1:  # laid out as on the host: the span goes back in one copy
+                shift, (low, high) = shifts.pop(), _span([h for h, _ in pairs])
+                target = _bytes(pairs[0][0])[low:high]
+                target.copy_(_bytes(pairs[0][1])[low + shift : high + shift], non_blocking=target.is_pinned())
                 out.update({key: host[key] for key in keys})
     for key, value in visited.items():
         if key in out:
