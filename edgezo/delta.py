@@ -37,9 +37,8 @@ PROBE_BLOCK_ELEMENTS = 1 << 23
 
 # A target's tensors: what it saves, and what visits the device when it is offloaded.
 FACTORS = ("left", "right", "dense", "lora_A", "lora_B")
-# Offloaded targets whose factors the forward copies in ahead of their hook (about one decoder block:
-# hooks run in the model's call order, which within a block need not be the order of the targets).
-FETCH_AHEAD = 8
+# A decoder block's number in a target's name: with offload_state the forward moves a block's factors at a time.
+BLOCK = re.compile(r"(^|\.)(layers|h|blocks)\.(\d+)\.")
 
 
 def probes_per_block(probe_elements: int) -> int:
@@ -66,26 +65,16 @@ class DeltaTarget:
     offloaded: bool = False  # the factors live in host memory and visit `device` (edgezo/offload.py)
 
     @contextlib.contextmanager
-    def resident(self, shuttle: "offload.Shuttle | None", keys: tuple[str, ...] = FACTORS,
-                 write: bool = False) -> Iterator[None]:
-        """Within: the factors `keys` on `device`. An offloaded target gets device copies from `shuttle`,
-        written back to the host on leaving if `write` (a target that lives on its device: nothing to do)."""
-        if not self.offloaded:
-            yield
-            return
-        host = {key: getattr(self, key) for key in keys}
-        for key, value in shuttle.fetch((self.index, keys), [self.index], host).items():
+    def holding(self, factors: dict[str, torch.Tensor | None]) -> Iterator[None]:
+        """Within: these tensors as the factors (an offloaded target's device copies), then its own again."""
+        own = {key: getattr(self, key) for key in factors}
+        for key, value in factors.items():
             setattr(self, key, value)
         try:
             yield
         finally:
-            visited = {key: getattr(self, key) for key in keys}
-            for key, value in (shuttle.store([self.index], host, visited) if write else host).items():
+            for key, value in own.items():
                 setattr(self, key, value)
-
-    def fetch_ahead(self, shuttle: "offload.Shuttle", keys: tuple[str, ...] = FACTORS) -> None:
-        """Start the copies a later resident(shuttle, keys) will take."""
-        shuttle.fetch_ahead((self.index, keys), [self.index], {key: getattr(self, key) for key in keys})
 
     @property
     def coords_key(self) -> str:
@@ -302,6 +291,15 @@ def _progression(idx: list[int]) -> slice | None:
     return None
 
 
+def _blocks(targets: list[DeltaTarget]) -> list[list[int]]:
+    """Target indices grouped by decoder block (BLOCK; a target outside any is a block of its own)."""
+    blocks: dict[object, list[int]] = {}
+    for t in targets:
+        match = BLOCK.search(t.name)
+        blocks.setdefault(t.name[: match.end()] if match else t.index, []).append(t.index)
+    return list(blocks.values())
+
+
 def _device_of(module: nn.Module) -> torch.device:
     param = next(module.parameters(), None)
     return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
@@ -318,6 +316,8 @@ class DeltaModel:
         self.vectors: list[VectorDelta] = []
         self.probing: Probing | None = None
         self.shuttle: offload.Shuttle | None = None  # carries offloaded targets' factors (offload_state)
+        self.blocks = _blocks(targets)  # the targets of each decoder block, in model order
+        self._block_of = {i: b for b, members in enumerate(self.blocks) for i in members}
         self._handles = [t.module.register_forward_hook(self._hook(t)) for t in targets]
 
     @classmethod
@@ -341,12 +341,18 @@ class DeltaModel:
         def hook(module, args, output):
             if not target.offloaded:
                 return target.forward_delta(args[0], output, self.probing)
-            with target.resident(self.shuttle):
-                for later in self.targets[target.index + 1 : target.index + 1 + FETCH_AHEAD]:
-                    later.fetch_ahead(self.shuttle)
+            block = self._block_of[target.index]
+            factors = self.shuttle.fetch(("block", block), self.blocks[block], self._factors_of(block), keep=True)
+            if block + 1 < len(self.blocks):  # the next block's copies overlap this block's kernels
+                self.shuttle.fetch_ahead(("block", block + 1), self.blocks[block + 1], self._factors_of(block + 1))
+            with target.holding({key: factors[target.index, key] for key in FACTORS}):
                 return target.forward_delta(args[0], output, self.probing)
 
         return hook
+
+    def _factors_of(self, block: int):
+        """A function giving the block's host factors, keyed (target index, name): built only if copied."""
+        return lambda: {(i, key): getattr(self.targets[i], key) for i in self.blocks[block] for key in FACTORS}
 
     def add_vectors(self, vectors: list[VectorDelta] | None = None) -> None:
         """Attach 1-D deltas: `vectors`, or zero ones for the targets' biases and the norms matching the pattern."""

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from edgezo.checkpoint import atomic_write
 from edgezo import vector_delta
-from edgezo.delta import DeltaModel, DeltaTarget
+from edgezo.delta import FACTORS, DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
 from edgezo.offload import Shuttle
 
@@ -30,7 +30,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def _lora_pair(target: DeltaTarget, max_rank: int | None,
                shuttle: Shuttle | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, dropped energy) for the whole delta of one target, without changing the target."""
-    with target.resident(shuttle):  # an offloaded target's factors, factored on its device
+    factors = {key: getattr(target, key) for key in FACTORS}
+    if target.offloaded:  # its factors come to its device, where they are factored
+        factors = shuttle.fetch(("export", target.index), [target.index], factors)
+    with target.holding(factors):
         scratch = copy.copy(target)
     if target.side == "full":  # a dense delta: factor it directly
         scratch.left, scratch.right = scratch.dense.clone(), torch.eye(target.in_features, device=target.device)

@@ -14,14 +14,15 @@ host tensors themselves (checkpoints, export, state hashes) calls settle() first
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable
+import math
+from typing import Callable, Hashable, Iterable
 
 import torch
 
 Tensors = dict[Hashable, torch.Tensor | None]
 
 
-ALIGN = 64  # bytes: every packed tensor starts on a boundary any dtype can be viewed from
+ALIGN = 16  # bytes: packed tensors start on a boundary any dtype can be viewed from (and vector loads use)
 
 
 def to_host(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -51,9 +52,21 @@ def pack(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     return out
 
 
-def _typed(buffer: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
-    """The bytes of `buffer` from `start` seen as a tensor of like's shape and dtype."""
-    return buffer[start : start + like.numel() * like.element_size()].view(like.dtype).view(like.shape)
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors (same shape and dtype) as one (len, *shape) view, where they lie one right after
+    another in one storage (as pack lays out tensors whose size is a multiple of ALIGN); else None."""
+    first = tensors[0]
+    size = first.numel() * first.element_size()
+    if all(t.shape == first.shape and t.dtype == first.dtype and t.is_contiguous() and _storage(t) == _storage(first)
+           and t.data_ptr() == first.data_ptr() + i * size for i, t in enumerate(tensors)):
+        return _typed(_bytes(first), _offset(first), first, (len(tensors), *first.shape))
+    return None
+
+
+def _typed(buffer: torch.Tensor, start: int, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The bytes of `buffer` from `start` seen as a tensor of like's dtype and shape (or `shape`)."""
+    shape = like.shape if shape is None else shape
+    return buffer[start : start + math.prod(shape) * like.element_size()].view(like.dtype).view(shape)
 
 
 def _bytes(value: torch.Tensor) -> torch.Tensor:
@@ -126,48 +139,66 @@ def write_back(host: Tensors, visited: Tensors) -> Tensors:
 
 class Shuttle:
     """Carries offloaded tensors between host memory and one device: on CUDA on a side stream, with
-    copies made ahead (fetch_ahead) and taken when used (fetch); elsewhere plain copies."""
+    copies made ahead (fetch_ahead) and taken when used (fetch); elsewhere plain copies.
+
+    Every fetch names a key and the targets whose tensors it carries (`owners`); storing an owner's
+    tensors drops the copies held for it, made ahead or kept, as they are stale from then on.
+    `host` may be a function giving the tensors, called only when a copy is made.
+    """
+
+    KEPT = 2  # fetches held for reuse (fetch(keep=True)): the forward's current and previous block
 
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._ahead: dict[Hashable, tuple[Tensors, torch.cuda.Event, frozenset[int]]] = {}
+        self._ahead: dict[Hashable, tuple[Tensors, torch.cuda.Event | None, frozenset[int]]] = {}
+        self._kept: dict[Hashable, tuple[Tensors, frozenset[int]]] = {}
         self.reset()
 
     def reset(self) -> None:
-        """Forget the copies made ahead; later copies wait for the compute stream's work so far (host
-        tensors it has just written, e.g. a loaded checkpoint)."""
+        """Forget the copies made ahead or kept; later copies wait for the compute stream's work so far
+        (host tensors it has just written, e.g. a loaded checkpoint)."""
         self._ahead.clear()
+        self._kept.clear()
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
-    def fetch_ahead(self, key: Hashable, owners: Iterable[int], host: Tensors) -> None:
-        """Start copying `host` (tensors of the targets `owners`) to the device now; fetch(key, ...) takes
-        the copies."""
-        if self.stream is None or key in self._ahead:
+    def fetch_ahead(self, key: Hashable, owners: Iterable[int], host: Tensors | Callable[[], Tensors]) -> None:
+        """Start copying the owners' tensors `host` to the device now; fetch(key, ...) takes the copies."""
+        if self.stream is None or key in self._ahead or key in self._kept:
             return
         with torch.cuda.stream(self.stream):
-            copies = visit(host, self.device)
+            copies = visit(host() if callable(host) else host, self.device)
         self._ahead[key] = (copies, self.stream.record_event(), frozenset(owners))
 
-    def fetch(self, key: Hashable, owners: Iterable[int], host: Tensors) -> Tensors:
-        """Device copies of `host` (tensors of the targets `owners`), usable on the current stream."""
+    def fetch(self, key: Hashable, owners: Iterable[int], host: Tensors | Callable[[], Tensors],
+              keep: bool = False) -> Tensors:
+        """Device copies of the owners' tensors `host`, usable on the current stream; with `keep`, held
+        for later fetches of `key` (the KEPT latest) until an owner's tensors are stored."""
+        if key in self._kept:
+            return self._kept[key][0]
         if self.stream is None:
-            return visit(host, self.device)
-        self.fetch_ahead(key, owners, host)  # (on the side stream even now: ordered after earlier stores)
-        copies, ready, _ = self._ahead.pop(key)
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(ready)
-        for value in {_storage(v): v for v in copies.values() if v is not None}.values():
-            value.record_stream(compute)  # allocated on the side stream, used and freed on this one
+            copies = visit(host() if callable(host) else host, self.device)
+        else:
+            self.fetch_ahead(key, owners, host)  # (on the side stream even now: ordered after earlier stores)
+            copies, ready, _ = self._ahead.pop(key)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ready)
+            for value in {_storage(v): v for v in copies.values() if v is not None}.values():
+                value.record_stream(compute)  # allocated on the side stream, used and freed on this one
+        if keep:
+            self._kept[key] = (copies, frozenset(owners))
+            while len(self._kept) > self.KEPT:
+                del self._kept[next(iter(self._kept))]
         return copies
 
     def store(self, owners: Iterable[int], host: Tensors, visited: Tensors) -> Tensors:
         """Copy the visited tensors back into the host ones (write_back) once the kernels queued so far
-        have produced them; copies made ahead of the owners' tensors are dropped (they are now stale)."""
+        have produced them, and drop the copies held for these owners."""
         owners = frozenset(owners)
-        for key in [key for key, (_, _, of) in self._ahead.items() if of & owners]:
-            del self._ahead[key]
+        for held in (self._ahead, self._kept):
+            for key in [key for key, value in held.items() if value[-1] & owners]:
+                del held[key]
         if self.stream is None:
             return write_back(host, visited)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -32,9 +32,10 @@ from typing import Callable
 import torch
 
 from edgezo.data import _LOGIT_ELEMENTS as LOGIT_CHUNK
-from edgezo.delta import DEFAULT_TARGETS, FETCH_AHEAD, probes_per_block
+from edgezo.delta import DEFAULT_TARGETS, probes_per_block
 from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
+from edgezo.offload import Shuttle
 from edgezo.optim import DEFAULTS, OPTIMIZERS
 from edgezo.optim.base import probe_sets_drawn_together, update_chunk_bytes
 from edgezo.vector_delta import find_vectors
@@ -253,7 +254,7 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
     the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
     together (on CPU, base.probe_sets_drawn_together). With offload_state the factors visit the device
-    too: in the forward the hooked target's and those fetched ahead of it; in the update the coordinates
+    too: in the forward those of the decoder blocks held and the next one; in the update the coordinates
     and method state of two chunks, the one computing and the next arriving.
     """
     state = adapter = forward = update = 0
@@ -288,8 +289,10 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
             drawn = probe_set * max(1, probe_sets_drawn_together(probe_set, MAX_DRAW_WORKERS))
         # offloaded: the next chunk's tensors arrive while this one computes
         update = max(update, (UPDATE_WORKING[s.optimizer] + s.offload_state) * chunk + drawn)
-    # offloaded: the hooked target's factors and those fetched ahead of it (delta.FETCH_AHEAD)
-    forward += max((sum(visiting[i : i + FETCH_AHEAD + 1]) for i in range(len(visiting))), default=0)
+    # offloaded: the factors of the blocks the forward holds (Shuttle.KEPT) and of the next, coming
+    per_block = max(1, len(visiting) // max(1, a.blocks))
+    block = max((sum(visiting[i : i + per_block]) for i in range(0, len(visiting), per_block)), default=0)
+    forward += (Shuttle.KEPT + 1) * block
     state += a.vector_elems if s.train_1d else 0
     return int(4 * state), 4 * adapter, forward, update
 

@@ -77,17 +77,19 @@ def test_offload_state_with_cuda_graph_is_a_clear_error():
 
 def test_an_update_chunk_moves_to_the_device_and_back_in_one_copy():
     from edgezo import offload
-    from edgezo.optim.base import _held
 
-    delta, opt, _ = _run(True, 1, "cpu")
-    chunk = opt._update_chunks()[0]
+    delta, opt, _ = _run(True, 4, "cpu")  # (a refresh at step 3 packs the tensors anew)
+    chunks = opt._update_chunks()
+    assert set(opt.packed) == {tuple(chunk) for chunk in chunks}  # every chunk takes the packed path
+    chunk = chunks[0]
     assert len(chunk) > 1
-    targets, states = [opt.targets[i] for i in chunk], [opt.state.per_target[i] for i in chunk]
-    host = _held(targets, states, None)  # coordinates and method state of every target of the chunk
+    host = opt.packed[tuple(chunk)]  # coordinates, momentum and V of the chunk, stacked
+    assert torch.equal(host["coords"][1], opt.targets[chunk[1]].right)
+    assert torch.equal(host["momentum"][1], opt.state.per_target[chunk[1]]["momentum"])
     copies = offload.visit(host, torch.device("cpu"))
     assert len({v.untyped_storage().data_ptr() for v in copies.values()}) == 1
-    assert all(torch.equal(copies[k], host[k]) for k in host)
     for value in copies.values():
         value.add_(1)
     back = offload.write_back(host, copies)
     assert all(back[k] is host[k] and torch.equal(host[k], copies[k]) for k in host)  # in place, all of it
+    assert torch.equal(host["coords"][1], opt.targets[chunk[1]].right)  # the targets' own tensors are views

@@ -39,6 +39,7 @@ LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 # stacked copies and the update's temporaries, about twice this) whatever the model's size. A GPU
 # wants large batches, as each op is a kernel launch; a CPU runs as fast in small ones.
 UPDATE_CHUNK_BYTES = 16 << 20
+COORDS = "coords"  # (the targets' coordinates, among the method state's names in a packed chunk)
 UPDATE_CHUNK_BYTES_CUDA = 64 << 20
 
 
@@ -125,12 +126,12 @@ class ZOOptimizer:
                 target.offloaded = True
                 _place([target], [st], {key: None if value is None else value.cpu()
                                         for key, value in _held([target], [st], FACTORS).items()})
-        if config.offload_state:  # each update chunk's tensors in one pinned buffer: it moves in one copy
-            for chunk in self._update_chunks():
-                targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
-                held = _held(targets, states, FACTORS)
-                _place(targets, states, dict(zip(held, offload.pack(list(held.values())))))
+        # offload_state: each update chunk's coordinates and method state, stacked (B, ...) views of the
+        # pinned buffer they lie in (_pack), by the chunk's target indices
+        self.packed: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        if config.offload_state:
             delta.shuttle = offload.Shuttle(delta.targets[0].device)
+            self._pack()
         self.graphed = GraphedUpdate(self) if config.cuda_graph else None
 
     @property
@@ -166,6 +167,8 @@ class ZOOptimizer:
             with _resident([target], [st], self.delta.shuttle, FACTORS):
                 dropped = max(dropped, target.fold(self.config.adapter_rank))
                 self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
+        if self.config.offload_state:  # the folds made new adapter tensors
+            self._pack()
         return True, dropped
 
     def evaluate(self, loss_fn: LossFn, batch: dict, plan: list[estimators.Slice], t: int) -> torch.Tensor:
@@ -208,20 +211,73 @@ class ZOOptimizer:
         """The matrix targets' update from g_i/N (`scaled`) and their probe blocks: Ĝ, then one
         method.update per chunk of same-shape targets. No host sync: a CUDA graph can capture it
         (with `scaled` and `lr` as device tensors it refills before each replay)."""
-        shuttle = self.delta.shuttle
         for j, chunk in enumerate(chunks):
             targets = [self.targets[i] for i in chunk]
             states = [self.state.per_target[i] for i in chunk]
-            with _resident(targets, states, shuttle):
-                if j + 1 < len(chunks):  # offloaded: the next chunk's copies overlap this chunk's kernels
-                    _fetch_ahead([self.targets[i] for i in chunks[j + 1]],
-                                 [self.state.per_target[i] for i in chunks[j + 1]], shuttle)
+            if j + 1 < len(chunks):  # offloaded: the next chunk's copies overlap this chunk's kernels
+                self._fetch_ahead(chunks[j + 1])
+            if tuple(chunk) in self.packed:
+                self._update_packed(chunk, targets, scaled, blocks_of, lr)
+                continue
+            with _resident(targets, states, self.delta.shuttle):
                 grad = _estimates(targets, scaled, blocks_of)
                 stacked = {key: torch.stack([st[key] for st in states]) for key in states[0]}
                 step = self.method.update(stacked, grad, lr)
                 torch._foreach_sub_([target.coords() for target in targets], step.unbind())
                 for key, value in stacked.items():  # the state stays per target (state_dict, checkpoints)
                     torch._foreach_copy_([st[key] for st in states], value.unbind())
+
+    def _update_packed(self, chunk: list[int], targets: list[DeltaTarget], scaled: torch.Tensor,
+                       blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]],
+                       lr: float | torch.Tensor) -> None:
+        """update_matrices for an offloaded chunk: its packed buffer comes to the device in one copy,
+        where its stacked views are the method's state, and goes back in one copy."""
+        host = self.packed[tuple(chunk)]
+        carried = self.delta.shuttle.fetch(("chunk", tuple(chunk)), chunk, host)
+        state = {key: value for key, value in carried.items() if key != COORDS}
+        step = self.method.update(state, _estimates(targets, scaled, blocks_of), lr)
+        carried[COORDS].sub_(step)
+        for key, value in state.items():
+            if value is not carried[key]:  # (an entry the method replaced)
+                carried[key].copy_(value)
+        self.delta.shuttle.store(chunk, host, carried)
+
+    def _fetch_ahead(self, chunk: list[int]) -> None:
+        """Start the copies the update of this (offloaded) chunk will take."""
+        if self.targets[chunk[0]].offloaded:
+            if tuple(chunk) in self.packed:
+                self.delta.shuttle.fetch_ahead(("chunk", tuple(chunk)), chunk, self.packed[tuple(chunk)])
+            else:
+                targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+                self.delta.shuttle.fetch_ahead(_key(targets, None), chunk, _held(targets, states, None))
+
+    def _pack(self) -> None:
+        """offload_state: lay the host tensors out so that what moves together moves in one copy. Each
+        update chunk's coordinates and method state, name by name, share one pinned buffer (self.packed:
+        their stacked views); so do a decoder block's other factors (basis, adapter), which the forward
+        carries with its coordinates (DeltaModel)."""
+        offload.settle([self.targets[0].device])  # (copies into the old buffers must have landed)
+        self.packed = {}
+        for chunk in self._update_chunks():
+            targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+            columns = {COORDS: [t.coords() for t in targets]} | {key: [st[key] for st in states] for key in states[0]}
+            packed = iter(offload.pack([value for column in columns.values() for value in column]))
+            columns = {key: [next(packed) for _ in column] for key, column in columns.items()}
+            for target, value in zip(targets, columns.pop(COORDS)):
+                setattr(target, target.coords_key, value)
+            for key, column in columns.items():
+                for st, value in zip(states, column):
+                    st[key] = value
+            views = {COORDS: offload.stacked([t.coords() for t in targets])}
+            views |= {key: offload.stacked(column) for key, column in columns.items()}
+            if all(view is not None for view in views.values()):  # (else its tensors move one by one)
+                self.packed[tuple(chunk)] = views
+        for block in self.delta.blocks:
+            held = [(self.targets[i], key) for i in block for key in FACTORS
+                    if key != self.targets[i].coords_key and getattr(self.targets[i], key) is not None]
+            for (target, key), value in zip(held, offload.pack([getattr(t, key) for t, key in held])):
+                setattr(target, key, value)
+        self.delta.shuttle.reset()
 
     def _update_chunks(self) -> list[list[int]]:
         """Indices of the targets updated together: same probe shape, device and state shapes, in
@@ -252,8 +308,8 @@ class ZOOptimizer:
             held = dict(st)
             st.clear()  # offloaded: loaded into the host tensors in place, where they keep their packing
             st.update(offload.write_back(held, own) if target.offloaded else {k: v.clone() for k, v in own.items()})
-        if self.delta.shuttle is not None:  # (after the copies into the new host tensors are queued)
-            self.delta.shuttle.reset()
+        if self.config.offload_state:  # (packed anew: the loaded tensors are new)
+            self._pack()
 
 
 @contextlib.contextmanager
@@ -265,19 +321,12 @@ def _resident(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]],
     if not targets[0].offloaded:
         yield
         return
-    host = _held(targets, states, factors)
+    host = _held(targets, states, factors)  # (an update chunk packed as usual takes _update_packed instead)
     _place(targets, states, shuttle.fetch(_key(targets, factors), [t.index for t in targets], host))
     try:
         yield
     finally:
         _place(targets, states, shuttle.store([t.index for t in targets], host, _held(targets, states, factors)))
-
-
-def _fetch_ahead(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]],
-                 shuttle: offload.Shuttle | None) -> None:
-    """Start the copies a later _resident(targets, states, shuttle) will take."""
-    if targets[0].offloaded:
-        shuttle.fetch_ahead(_key(targets, None), [t.index for t in targets], _held(targets, states, None))
 
 
 def _key(targets: list[DeltaTarget], factors: tuple[str, ...] | None) -> tuple:
