@@ -67,8 +67,9 @@ case $stage in
   offload) # the state in host memory (offload_state): its tests on the GPU, then speed and memory beside resident state
          python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_graphed.py 2>&1 | tail -n 5 \
            | tee $OUT/test_offload_cuda.log
-         python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch 1,32 --seq 128 --repeats 3 \
-           --state-dtype fp16 --offload-state ${PROFILE:+--profile} 2>&1 | grep -v Warn > $OUT/speed_opt67_offload.log
+         python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch ${BATCH:-1,32} --seq 128 \
+           --repeats 3 --state-dtype fp16 --offload-state ${PROFILE:+--profile} ${TRACE:+--trace $OUT} 2>&1 \
+           | grep -v Warn > $OUT/speed_opt67_offload.log
          grep -E "state in host|fused step parts|op calls|^fp16" $OUT/speed_opt67_offload.log
          python3 bench/memory.py --device cuda --shape opt-6.7b --precision ${PRECISIONS:-fp16} --batch 1 --seq 128 \
            --optimizers zo-mopi --state-dtypes fp16 --offload-state --fuse all 2>&1 \

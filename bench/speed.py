@@ -134,11 +134,11 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
             f"{C.median(times['offloaded']) / (n_slices * C.median(times['forward'])):.3f} x {n_slices} forwards")
     if args.profile:
         opt.config.fuse, opt.graphed = None, None
-        _profile(opt, loss, tune, dev, log)
+        _profile(opt, loss, tune, dev, log, args.trace and f"{args.trace}/resident_b{batch}.json")
         if offloaded is not None:
             log("  the same, state in host memory (offload_state):")
             with offloaded_hooks():
-                _profile(offloaded, loss, tune, dev, log)
+                _profile(offloaded, loss, tune, dev, log, args.trace and f"{args.trace}/offloaded_b{batch}.json")
     opt.delta.detach()
     med = {k: C.median(v) for k, v in times.items()}
     tokens, nine_fwd = batch * seq, n_slices * med["forward"]
@@ -160,9 +160,10 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     return row
 
 
-def _profile(opt, loss, tune, device: str, log) -> None:
+def _profile(opt, loss, tune, device: str, log, trace: str | None = None) -> None:
     """Where one fused step's time goes: its forward and update parts (synced medians of 5; on CPU also the
-    update without its worker threads), then the ops with the most self time, and how many ops run."""
+    update without its worker threads), then the ops with the most self time, and how many ops run;
+    `trace`: also a Chrome trace of that step there."""
     from torch.profiler import ProfilerActivity, profile
 
     from edgezo.zo import estimators
@@ -186,6 +187,8 @@ def _profile(opt, loss, tune, device: str, log) -> None:
     with profile(activities=acts) as prof:
         opt.step(loss, tune)
         C.sync(device)
+    if trace:
+        prof.export_chrome_trace(trace)
     events = prof.key_averages()
     log(f"  profile: {sum(e.count for e in events)} op calls in one fused step")
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -213,6 +216,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="print the op profile of one fused step")
     ap.add_argument("--cuda-graph", action="store_true", help="also time the fused step with its update replayed "
                     "as a CUDA graph (ZOConfig.cuda_graph)")
+    ap.add_argument("--trace", help="with --profile: write Chrome traces of the profiled steps into this folder")
     ap.add_argument("--state-dtype", default="fp32", help="how ZO-MOPI stores P, M and V (fp32, bf16, fp16)")
     ap.add_argument("--offload-state", action="store_true", help="also time the fused step with its state in "
                     "host memory (ZOConfig.offload_state), in the same rounds")

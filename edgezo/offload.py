@@ -111,10 +111,11 @@ def visit(host: Tensors, device: torch.device) -> Tensors:
     return out
 
 
-def write_back(host: Tensors, visited: Tensors) -> Tensors:
+def write_back(host: Tensors, visited: Tensors, non_blocking: bool = False) -> Tensors:
     """The host tensors after a visit: written in place where shape and dtype are unchanged (in one copy
     for a storage whose tensors all still lie as visit laid them out), a new host tensor where the visit
-    replaced one with another shape (a refresh, a fold)."""
+    replaced one with another shape (a refresh, a fold). `non_blocking` (pinned host tensors only): the
+    copies are queued, not waited for."""
     out: Tensors = {}
     for keys in _groups(host):
         pairs = [(host[key], visited[key]) for key in keys]
@@ -124,7 +125,7 @@ def write_back(host: Tensors, visited: Tensors) -> Tensors:
             if len(shifts) == 1:  # laid out as on the host: the span goes back in one copy
                 shift, (low, high) = shifts.pop(), _span([h for h, _ in pairs])
                 target = _bytes(pairs[0][0])[low:high]
-                target.copy_(_bytes(pairs[0][1])[low + shift : high + shift], non_blocking=target.is_pinned())
+                target.copy_(_bytes(pairs[0][1])[low + shift : high + shift], non_blocking=non_blocking)
                 out.update({key: host[key] for key in keys})
     for key, value in visited.items():
         if key in out:
@@ -133,7 +134,7 @@ def write_back(host: Tensors, visited: Tensors) -> Tensors:
         if value is None or old is None or old.shape != value.shape or old.dtype != value.dtype:
             out[key] = to_host(value)
         else:
-            out[key] = old.copy_(value, non_blocking=old.is_pinned())
+            out[key] = old.copy_(value, non_blocking=non_blocking)
     return out
 
 
@@ -203,7 +204,7 @@ class Shuttle:
             return write_back(host, visited)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            out = write_back(host, visited)
+            out = write_back(host, visited, non_blocking=True)
         for value in {_storage(v): v for v in visited.values() if v is not None}.values():
             value.record_stream(self.stream)
         return out

@@ -195,7 +195,8 @@ class ZOOptimizer:
     def apply_update(self, g: torch.Tensor, t: int) -> None:
         """Ĝ = (1/N) Σ g_i u_i per target, from regenerated probes; then the method's update, one call
         for each chunk of same-shape targets (_update_chunks). Advances the step."""
-        step_seed, scaled = self.step_seed(t), g.float() / len(g)
+        # g_i/N on the targets' device once (a blocking copy per chunk would wait for the GPU each time)
+        step_seed, scaled = self.step_seed(t), (g.float() / len(g)).to(self.targets[0].device, non_blocking=True)
         if self.graphed is None or not self.graphed.replay(scaled, step_seed):
             chunks = self._update_chunks()
             order = [self.targets[i].index for chunk in chunks for i in chunk]
