@@ -71,7 +71,7 @@ case $stage in
            --repeats 3 --state-dtype fp16 --offload-state ${PROFILE:+--profile} ${TRACE:+--trace $OUT} 2>&1 \
            | grep -v Warn > $OUT/speed_opt67_offload.log
          grep -E "state in host|fused step parts|op calls|^fp16" $OUT/speed_opt67_offload.log
-         python3 bench/memory.py --device cuda --shape opt-6.7b --precision ${PRECISIONS:-fp16} --batch 1 --seq 128 \
+         [ -z "${NOMEM:-}" ] && python3 bench/memory.py --device cuda --shape opt-6.7b --precision ${PRECISIONS:-fp16} --batch 1 --seq 128 \
            --optimizers zo-mopi --state-dtypes fp16 --offload-state --fuse all 2>&1 \
            | tee $OUT/memory_opt67_b1_offload.log | tail -n 10 | head -n 8
          [ -n "${B32:-}" ] && python3 bench/memory.py --device cuda --shape opt-6.7b --precision fp16 --batch 32 --seq 128 \
