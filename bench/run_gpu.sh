@@ -65,7 +65,8 @@ case $stage in
            --precision fp16 --batch 1 --seq 128 --optimizers zo-mopi --state-dtypes fp16 2>&1 \
            | tee $OUT/memory_opt67_b1_base.log | tail -n 4 ;;
   offload) # the state in host memory (offload_state): its tests on the GPU, then speed and memory beside resident state
-         python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_graphed.py 2>&1 | tail -n 5 \
+         python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_graphed.py tests/test_cli.py \
+           -k "offload or graph" 2>&1 | tail -n 5 \
            | tee $OUT/test_offload_cuda.log
          python3 bench/speed.py --device cuda --shape opt-6.7b --precision fp16 --batch ${BATCH:-1,32} --seq 128 \
            --repeats 3 --state-dtype fp16 --offload-state ${PROFILE:+--profile} ${TRACE:+--trace $OUT} 2>&1 \

@@ -280,15 +280,15 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
             perturbed = s.slices_per_forward * probe * b
         forward = max(forward, block + perturbed)
         groups.setdefault(shape, []).append(
-            4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0) + s.offload_state * probe))
+            4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
         drawn = _block_bytes(rows * cols, s.n_probes)
         if s.device_type == "cpu" and s.optimizer != "mezo":  # whole probe sets drawn together (base._probe_blocks)
             probe_set = 4 * rows * cols * s.n_probes
             drawn = probe_set * max(1, probe_sets_drawn_together(probe_set, MAX_DRAW_WORKERS))
-        # offloaded: the next chunk's tensors arrive while this one computes
-        update = max(update, (UPDATE_WORKING[s.optimizer] + s.offload_state) * chunk + drawn)
+        # offloaded: the chunk's coordinates and state come as a copy, and the next chunk's arrive meanwhile
+        update = max(update, (UPDATE_WORKING[s.optimizer] + 2 * s.offload_state) * chunk + drawn)
     # offloaded: the factors of the blocks the forward holds (Shuttle.KEPT) and of the next, coming
     per_block = max(1, len(visiting) // max(1, a.blocks))
     block = max((sum(visiting[i : i + per_block]) for i in range(0, len(visiting), per_block)), default=0)

@@ -275,3 +275,12 @@ def test_tune_offload_state_flag_off_a_gpu_is_a_clear_error(files, tmp_path):
     fails("tune", model, data, "--out", tmp_path / "run", "--offload-state", *FAST,
           match="offload_state moves the trainable state off a GPU; on cpu it is in host memory already")
     assert not (tmp_path / "run").exists()  # nothing claimed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_with_offloaded_state_on_a_gpu_writes_the_same_adapter(files, tmp_path):
+    _, model, data, _ = files
+    for name, flags in (("resident", []), ("offloaded", ["--offload-state"])):
+        ok("tune", model, data, "--out", tmp_path / name, "--device", "cuda", *flags, *FAST)
+    assert (tmp_path / "offloaded/adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "resident/adapter_model.safetensors").read_bytes()

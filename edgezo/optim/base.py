@@ -286,11 +286,11 @@ class ZOOptimizer:
         groups: dict[tuple, list[int]] = {}
         for i, (target, st) in enumerate(zip(self.targets, self.state.per_target)):
             layout = tuple((key, value.shape, value.dtype) for key, value in st.items())
-            groups.setdefault((target.probe_shape(), target.device, target.offloaded, layout), []).append(i)
+            groups.setdefault((target.probe_shape(), target.device, layout), []).append(i)
         chunks = []
-        for (shape, device, offloaded, _), members in groups.items():
-            st = self.state.per_target[members[0]]  # (offloaded: the coordinates, probe-shaped, visit too)
-            per_target = 4 * ((1 + offloaded) * math.prod(shape) + sum(v.numel() for v in st.values()))
+        for (shape, device, _), members in groups.items():
+            st = self.state.per_target[members[0]]
+            per_target = 4 * (math.prod(shape) + sum(v.numel() for v in st.values()))
             size = max(1, update_chunk_bytes(device) // per_target)
             chunks += [members[i : i + size] for i in range(0, len(members), size)]
         return chunks
