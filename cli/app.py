@@ -267,6 +267,7 @@ def plan(
     stdout.print(f"settings: {s.optimizer}, {s.precision} on {s.device}, batch {s.batch_size} x {s.seq_len} tokens, "
                  f"rank {s.rank}, {s.n_probes} probes{' two-sided' if s.two_sided else ''}"
                  + (f", {s.state_dtype} state" if s.optimizer == "zo-mopi" and s.state_dtype != "fp32" else "")
+                 + (", state in host memory" if s.offload_state else "")
                  + (f", {steps} steps" if steps else ""), highlight=False)
     color = {True: "green", False: "red", None: "yellow"}[result.fits]
     stdout.print(f"[{color}]{result.advice}[/]", highlight=False)

@@ -73,6 +73,8 @@ def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
     """What must match for --resume to continue the same run (steps, max_time and the process count may change)."""
     free = ("steps", "max_time", "distributed", "hash_every")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
+    # where the step runs, not what it computes (bitwise the same): a run may resume with them changed
+    settings["optim"] = {k: v for k, v in settings["optim"].items() if k not in ("cuda_graph", "offload_state")}
     digest = hashlib.sha256(data_path.read_bytes()).hexdigest()[:16]
     if cfg.eval_data:  # the held-out file is part of the run too
         settings["eval_data_sha256"] = hashlib.sha256(Path(cfg.eval_data).read_bytes()).hexdigest()[:16]

@@ -152,3 +152,14 @@ def test_peft_loads_the_adapter_with_the_same_logits(tiny_dir, tmp_path):
         theirs = peft_model(input_ids=ids).logits
     assert (ours - plain).abs().max() > 1e-4  # the adapter does something
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_where_the_step_runs_is_not_part_of_the_run(lm_file):
+    # cuda_graph and offload_state compute the same step bitwise: a run resumes with them switched
+    from edgezo.tune import _fingerprint
+
+    def fingerprint(**optim):
+        return _fingerprint(TuneConfig(**{**CONFIG, "optim": {**CONFIG["optim"], **optim}}), "model", lm_file)
+
+    assert fingerprint(offload_state=True, cuda_graph=True) == fingerprint()
+    assert fingerprint(lr=0.5) != fingerprint()
