@@ -1,15 +1,16 @@
 """Trainable state kept in host memory beside a GPU (ZOConfig.offload_state).
 
 At rank 64 the state of a 7B model (ZO-MOPI's P, C, M and V) is 5-8% of its fp16 weights: more than a
-GPU that just fits the model has left. With offload_state it lives in pinned host memory, and each
-target's tensors visit the GPU only while the forward hook or the update that uses them runs: the
-device holds a few targets' factors in the forward, two update chunks' tensors in the update.
+GPU that just fits the model has left. With offload_state it lives in pinned host memory and visits the
+GPU only while the code that uses it runs: the forward holds the factors of a few decoder blocks
+(DeltaModel), the update the coordinates and state of two chunks of targets (ZOOptimizer).
 
-A Shuttle makes every copy on a CUDA stream of its own, one target (or update chunk) ahead of its
-use, so the copies overlap the kernels of the compute stream; the compute stream waits only for the
-copy it is about to read. Copies back to the host are queued on the same stream after the kernels
-that produced them, so a later copy in can never read a stale host tensor. Host code that reads the
-host tensors themselves (checkpoints, export, state hashes) calls settle() first.
+pack() lays out what moves together in one buffer, so that it moves in one copy (visit, write_back).
+A Shuttle makes every copy on a CUDA stream of its own, a block or chunk ahead of its use, so the
+copies overlap the kernels of the compute stream, which waits only for the copy it is about to read.
+Copies back to the host are queued on the same stream after the kernels that produced them, so a later
+copy in never reads a stale host tensor. Host code that reads the host tensors themselves
+(checkpoints, export, state hashes, packing) calls settle() first.
 """
 
 from __future__ import annotations

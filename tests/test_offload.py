@@ -93,3 +93,7 @@ def test_an_update_chunk_moves_to_the_device_and_back_in_one_copy():
     back = offload.write_back(host, copies)
     assert all(back[k] is host[k] and torch.equal(host[k], copies[k]) for k in host)  # in place, all of it
     assert torch.equal(host["coords"][1], opt.targets[chunk[1]].right)  # the targets' own tensors are views
+    # a decoder block's bases and adapters (made by the refresh's folds) share a buffer too
+    block = [delta.targets[i] for i in delta.blocks[0]]
+    assert len(block) > 1 and all(t.lora_A is not None for t in block)
+    assert len({getattr(t, k).untyped_storage().data_ptr() for t in block for k in ("left", "lora_A", "lora_B")}) == 1

@@ -39,8 +39,8 @@ LossFn = Callable[[torch.nn.Module, dict, int], torch.Tensor]
 # stacked copies and the update's temporaries, about twice this) whatever the model's size. A GPU
 # wants large batches, as each op is a kernel launch; a CPU runs as fast in small ones.
 UPDATE_CHUNK_BYTES = 16 << 20
-COORDS = "coords"  # (the targets' coordinates, among the method state's names in a packed chunk)
 UPDATE_CHUNK_BYTES_CUDA = 64 << 20
+COORDS = "coords"  # offload_state: the targets' coordinates, among the method state's names in a packed chunk
 
 
 def update_chunk_bytes(device: torch.device) -> int:
@@ -167,8 +167,8 @@ class ZOOptimizer:
             with _resident([target], [st], self.delta.shuttle, FACTORS):
                 dropped = max(dropped, target.fold(self.config.adapter_rank))
                 self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
-        if self.config.offload_state:  # the folds made new adapter tensors
-            self._pack()
+        if self.config.offload_state:  # the folds made new adapter tensors (the rest was written in place)
+            self._pack_blocks()
         return True, dropped
 
     def evaluate(self, loss_fn: LossFn, batch: dict, plan: list[estimators.Slice], t: int) -> torch.Tensor:
@@ -255,8 +255,7 @@ class ZOOptimizer:
     def _pack(self) -> None:
         """offload_state: lay the host tensors out so that what moves together moves in one copy. Each
         update chunk's coordinates and method state, name by name, share one pinned buffer (self.packed:
-        their stacked views); so do a decoder block's other factors (basis, adapter), which the forward
-        carries with its coordinates (DeltaModel)."""
+        their stacked views); so do a decoder block's other factors (_pack_blocks)."""
         offload.settle([self.targets[0].device])  # (copies into the old buffers must have landed)
         self.packed = {}
         for chunk in self._update_chunks():
@@ -273,6 +272,12 @@ class ZOOptimizer:
             views |= {key: offload.stacked(column) for key, column in columns.items()}
             if all(view is not None for view in views.values()):  # (else its tensors move one by one)
                 self.packed[tuple(chunk)] = views
+        self._pack_blocks()
+
+    def _pack_blocks(self) -> None:
+        """Each decoder block's factors other than the coordinates (basis, adapter) in one pinned buffer:
+        the forward carries them with the block's coordinates (DeltaModel)."""
+        offload.settle([self.targets[0].device])
         for block in self.delta.blocks:
             held = [(self.targets[i], key) for i in block for key in FACTORS
                     if key != self.targets[i].coords_key and getattr(self.targets[i], key) is not None]
