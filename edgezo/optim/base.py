@@ -163,10 +163,12 @@ class ZOOptimizer:
         if t == 0 or nu <= 0 or t % nu != 0:
             return False, 0.0
         dropped = 0.0
-        for target, st in zip(self.targets, self.state.per_target):
-            with _resident([target], [st], self.delta.shuttle, FACTORS):
-                dropped = max(dropped, target.fold(self.config.adapter_rank))
-                self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
+        for chunk in self._update_chunks():  # (offloaded: a chunk's tensors come and go in a few copies)
+            targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+            with _resident(targets, states, self.delta.shuttle, FACTORS):
+                for target, st in zip(targets, states):
+                    dropped = max(dropped, target.fold(self.config.adapter_rank))
+                    self.method.refresh(target, st, derive_seed(self.state.seed, t, -2, target.index))
         if self.config.offload_state:  # the folds made new adapter tensors (the rest was written in place)
             self._pack_blocks()
         return True, dropped
