@@ -374,7 +374,9 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
 # largest_fitting's search order, most important first. streaming prefers False (it is slower);
 # state_dtype comes after rank (a larger rank with bf16 state beats fp32 state at a smaller one);
 # fuse None (every slice in one forward) counts as largest: fuse only trades memory for speed.
-PRIORITY = ("streaming", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
+# offload_state prefers False in the same way (at small batches a step takes longer): the state leaves
+# the GPU only when nothing fits otherwise.
+PRIORITY = ("streaming", "offload_state", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
 
 
 def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,
@@ -409,10 +411,11 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
 
 
 def _size(key: str, value) -> float:
-    """Order of candidates: not streaming > streaming; fuse None > any fuse; by bytes for state_dtype."""
+    """Order of candidates: not streaming > streaming, the same for offload_state; fuse None > any fuse;
+    by bytes for state_dtype."""
     if key == "state_dtype":
         return FLOAT_BYTES.get(value, 0)
-    return float(not value) if key == "streaming" else float("inf") if value is None else value
+    return float(not value) if key in ("streaming", "offload_state") else float("inf") if value is None else value
 
 
 def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:

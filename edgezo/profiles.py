@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgezo.errors import EdgezoError
 from edgezo.plan import (FLOAT_BYTES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
-                         anatomy, largest_fitting, load_config, plan)
+                         _size, anatomy, largest_fitting, load_config, plan)
 
 DEVICES = tuple(RUNTIME_BYTES)
 FLOAT_PRECISIONS = tuple(FLOAT_BYTES)
@@ -167,11 +167,13 @@ def resolve(profile: Profile, model, *, overrides: dict | None = None) -> tuple[
 
 
 def _too_small(profile, config, base, candidates, budget, runtime) -> EdgezoError:
-    smallest = {k: sorted(v, key=lambda x: float("inf") if x is None else x)[0] for k, v in candidates.items()}
-    if "streaming" in candidates and base.precision in FLOAT_PRECISIONS:
-        smallest["streaming"] = True
+    smallest = {k: min(v, key=lambda x, k=k: _size(k, x)) for k, v in candidates.items()}
+    if "streaming" in candidates and base.precision not in FLOAT_PRECISIONS:
+        smallest["streaming"] = False  # quantized weights are not streamed
     p = plan(config, dataclasses.replace(base, **smallest), budget, runtime)
     helps = ["lower seq_len or batch_size"]
+    if base.device_type == "cuda" and "offload_state" not in candidates and not base.offload_state:
+        helps = ["keep the state in host memory (search.offload_state = [false, true])"] + helps
     if base.precision in FLOAT_PRECISIONS:
         helps = ['quantize (quantization = "quanto-int4")', "stream layers (search.streaming = [false, true])"] + helps
     return EdgezoError(

@@ -8,6 +8,7 @@ import pytest
 from transformers import LlamaConfig
 
 from edgezo.errors import EdgezoError
+from edgezo import plan as plan_mod
 from edgezo.plan import GiB, PRIORITY, Settings
 from edgezo.profiles import list_profiles, load_profile, resolve
 from edgezo.runtime.synthetic import SHAPES
@@ -130,5 +131,18 @@ def test_min_steps_trades_tokens_per_step_for_steps():
 
 
 def _size(s: Settings, key: str):
-    value = getattr(s, key)
-    return (not value) if key == "streaming" else (float("inf") if value is None else value)
+    return plan_mod._size(key, getattr(s, key))
+
+
+def test_a_gpu_profile_moves_the_state_to_host_memory_only_when_nothing_fits_otherwise():
+    rtx = dataclasses.replace(load_profile("rtx-4060-8gb"), min_steps=0)
+    assert rtx.search["offload_state"] == [False, True]
+    roomy, _, _ = resolve(rtx, SMOL)
+    tight, tight_plan, _ = resolve(dataclasses.replace(rtx, memory_budget_gb=1.5), SMOL)
+    assert not roomy.offload_state and not roomy.streaming
+    assert tight.offload_state and not tight.streaming and tight_plan.host_bytes > 0
+    assert plan_mod.plan(SMOL, dataclasses.replace(tight, offload_state=False)).peak_bytes > 1.5 * GiB
+    fixed = dataclasses.replace(rtx, memory_budget_gb=0.5, search={k: v for k, v in rtx.search.items()
+                                                                    if k != "offload_state"})
+    with pytest.raises(EdgezoError, match="search.offload_state"):
+        resolve(fixed, SMOL)
