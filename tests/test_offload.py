@@ -36,6 +36,7 @@ def _assert_same(a_delta, a_opt, b_delta, b_opt):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("optimizer,kw", [("zo-mopi", {}), ("zo-mopi", {"state_dtype": "bf16"}),
+                                          ("zo-mopi", {"train_1d": True}),  # (1-D deltas stay on the device)
                                           ("zo-muon", {}), ("lozo", {}), ("mezo", {})])
 def test_offloaded_state_trains_exactly_as_resident_state(device, optimizer, kw):
     # 7 steps: refreshes (a fold into the adapter, a new basis) at steps 3 and 6
