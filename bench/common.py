@@ -242,7 +242,7 @@ def plain(delta) -> Iterator[None]:
     try:
         yield
     finally:
-        delta._handles = [t.module.register_forward_hook(delta._hook(t)) for t in delta.targets]
+        delta.reattach()
 
 
 # ---------------------------------------------------------------- process memory (Linux)

@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
         opt.delta.detach()
 
     def forward(opt):
-        opt.delta._handles = [t.module.register_forward_hook(opt.delta._hook(t)) for t in opt.delta.targets]
+        opt.delta.reattach()
         try:
             opt.evaluate(loss, batch, plan, 0)
         finally:

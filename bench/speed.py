@@ -92,8 +92,7 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
     @contextlib.contextmanager
     def offloaded_hooks():  # the offloaded optimizer's hooks in place of the resident one's
         with C.plain(opt.delta):
-            offloaded.delta._handles = [t.module.register_forward_hook(offloaded.delta._hook(t))
-                                        for t in offloaded.delta.targets]
+            offloaded.delta.reattach()
             try:
                 yield
             finally:

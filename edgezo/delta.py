@@ -318,7 +318,8 @@ class DeltaModel:
         self.shuttle: offload.Shuttle | None = None  # carries offloaded targets' factors (offload_state)
         self.blocks = _blocks(targets)  # the targets of each decoder block, in model order
         self._block_of = {i: b for b, members in enumerate(self.blocks) for i in members}
-        self._handles = [t.module.register_forward_hook(self._hook(t)) for t in targets]
+        self._handles: list = []
+        self.reattach()
 
     @classmethod
     def attach(cls, model: nn.Module, pattern: str = DEFAULT_TARGETS) -> "DeltaModel":
@@ -363,9 +364,10 @@ class DeltaModel:
 
                 raise EdgezoError(f"train_1d: no bias or norm matches the target pattern {self.pattern!r}")
         self.vectors = vectors
-        for v in vectors:
-            self._handles.append(v.module.register_forward_hook(
-                lambda module, args, output, v=v: v.forward_delta(args[0], output, self.probing)))
+        self._handles += [self._hook_vector(v) for v in vectors]
+
+    def _hook_vector(self, v: VectorDelta):
+        return v.module.register_forward_hook(lambda module, args, output: v.forward_delta(args[0], output, self.probing))
 
     @contextlib.contextmanager
     def probe(self, step_seed: int, n_probes: int, probes: list[int], scales: list[float]) -> Iterator[None]:
@@ -383,6 +385,12 @@ class DeltaModel:
             h.remove()
         self._handles = []
         return self.model
+
+    def reattach(self) -> None:
+        """Put the hooks (back) in place, e.g. after detach(): the deltas apply again."""
+        self.detach()
+        self._handles = [t.module.register_forward_hook(self._hook(t)) for t in self.targets]
+        self._handles += [self._hook_vector(v) for v in self.vectors]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         offload.settle(t.device for t in self.targets if t.offloaded)
