@@ -367,7 +367,8 @@ class DeltaModel:
         self._handles += [self._hook_vector(v) for v in vectors]
 
     def _hook_vector(self, v: VectorDelta):
-        return v.module.register_forward_hook(lambda module, args, output: v.forward_delta(args[0], output, self.probing))
+        return v.module.register_forward_hook(
+            lambda module, args, output: v.forward_delta(args[0], output, self.probing))
 
     @contextlib.contextmanager
     def probe(self, step_seed: int, n_probes: int, probes: list[int], scales: list[float]) -> Iterator[None]:

@@ -113,7 +113,6 @@ class MemoryPlan:
     advice: str
     host_bytes: int = 0  # offload_state: the optimizer state and adapter, in host memory instead
 
-
     def to_json(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "host_bytes": self.host_bytes,
@@ -279,8 +278,7 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
         else:  # the slices' perturbed factors
             perturbed = s.slices_per_forward * probe * b
         forward = max(forward, block + perturbed)
-        groups.setdefault(shape, []).append(
-            4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
+        groups.setdefault(shape, []).append(4 * (probe + (r * n + n * k if s.optimizer == "zo-mopi" else 0)))
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
         drawn = _block_bytes(rows * cols, s.n_probes)
