@@ -115,7 +115,8 @@ def tune(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
         device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
         cuda_graph=cuda_graph, offload_state=offload_state, batch_size=batch_size, max_length=max_length,
-        eval_every=eval_every, eval_data=eval_data, template=template, checkpoint_every=checkpoint_every).items() if v is not None}
+        eval_every=eval_every, eval_data=eval_data, template=template, checkpoint_every=checkpoint_every,
+    ).items() if v is not None}
     if model is None and data is None:
         if profile or flags:
             raise EdgezoError("the demo has its own settings; pass MODEL and DATA to use --profile or other flags")
