@@ -300,9 +300,9 @@ def _blocks(targets: list[DeltaTarget]) -> list[list[int]]:
     return list(blocks.values())
 
 
-def _device_of(module: nn.Module) -> torch.device:
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
     param = next(module.parameters(), None)
-    return param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+    return param.device if param is not None and param.device.type != "meta" else default
 
 
 class DeltaModel:
@@ -332,8 +332,10 @@ class DeltaModel:
             from edgezo.errors import EdgezoError
 
             raise EdgezoError(f"no Linear layer matches the target pattern {pattern!r}; pass a pattern that names some")
+        # a streamed block waits on the meta device: its Linears compute where the resident parts live
+        resident = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
         targets = [
-            DeltaTarget(i, name, mod, mod.out_features, mod.in_features, _device_of(mod))
+            DeltaTarget(i, name, mod, mod.out_features, mod.in_features, _device_of(mod, resident))
             for i, (name, mod) in enumerate(found)
         ]
         return cls(model, targets, pattern)

@@ -29,17 +29,18 @@ def _blocks_on_meta(streamed) -> bool:
     return all(t.is_meta for t in streamed.streamer.blocks.parameters())
 
 
-def _zo_losses(model, batch, steps=3):
+def _zo_losses(model, batch, steps=3, **kw):
     delta = DeltaModel.attach(model)
-    opt = make_optimizer("zo-mopi", delta, rank=8, k=4, n_probes=4, two_sided=True)  # 8 slices, one forward
+    opt = make_optimizer("zo-mopi", delta, rank=8, k=4, n_probes=4, two_sided=True, **kw)  # 8 slices, one forward
     results = [opt.step(lm_loss, batch) for _ in range(steps)]
     assert all(r.forwards == 8 for r in results)
     return [r.loss for r in results], delta
 
 
-def test_streamed_forward_and_zo_steps_match_resident(folders, arch):
-    resident, streamed = load_model(folders[arch]).model, load_streaming(folders[arch])
-    batch = token_batch()
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_streamed_forward_and_zo_steps_match_resident(folders, arch, device):
+    resident, streamed = load_model(folders[arch], device=device).model, load_streaming(folders[arch], device=device)
+    batch = {k: v.to(device) for k, v in token_batch().items()}
     with torch.inference_mode():
         torch.testing.assert_close(streamed.model(**batch).logits, resident(**batch).logits, rtol=0, atol=1e-5)
     assert _blocks_on_meta(streamed)
@@ -55,6 +56,11 @@ def test_streamed_forward_and_zo_steps_match_resident(folders, arch):
         torch.testing.assert_close(streamed_delta.state_dict()[key], value, rtol=0, atol=1e-5)
     assert stats.bytes_read == 4 * block_file_bytes  # fused probes: each block read once per step
     assert _blocks_on_meta(streamed)
+    assert all(t.device.type == device for t in streamed_delta.targets)  # where the streamed blocks compute
+    if device == "cuda":  # streamed weights and the state in host memory: the GPU holds two blocks' worth
+        streamed_delta.detach()
+        offloaded, _ = _zo_losses(streamed.model, batch, offload_state=True)
+        assert offloaded == losses
 
 
 def test_sharded_checkpoint_without_prefetch(tmp_path):
