@@ -153,7 +153,7 @@ class Shuttle:
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._ahead: dict[Hashable, tuple[Tensors, torch.cuda.Event | None, frozenset[int]]] = {}
+        self._ahead: dict[Hashable, tuple[Tensors, torch.cuda.Event, frozenset[int]]] = {}
         self._kept: dict[Hashable, tuple[Tensors, frozenset[int]]] = {}
         self.reset()
 
