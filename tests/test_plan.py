@@ -291,7 +291,7 @@ def test_offload_state_moves_state_and_adapter_to_host_memory_and_needs_cuda():
     assert resident.host_bytes == 0 and resident.items["optimizer_state"] > 0 and resident.items["adapter"] > 0
     assert offloaded.items["optimizer_state"] == offloaded.items["adapter"] == 0
     assert offloaded.host_bytes == resident.items["optimizer_state"] + resident.items["adapter"]
-    # a few targets' factors visit the forward; the update holds the next chunk while one computes
+    # a few blocks' factors visit the forward; the update holds the next chunk while one computes
     assert offloaded.items["probes"] > resident.items["probes"]
     assert offloaded.items["update"] > resident.items["update"]
     assert offloaded.peak_bytes < resident.peak_bytes
