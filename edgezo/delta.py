@@ -9,7 +9,8 @@ The delta of a target W (m×n) has three parts, each applied as thin matmuls:
     with the probe regenerated from its seed inside the forward and dropped right after.
 Because the base is only read, the same code serves fp32/fp16/bf16 Linears, bitsandbytes and
 quanto quantized Linears, and streamed weights. Biases and norms (train_1d) get the same treatment
-in edgezo/vector_delta.py.
+in edgezo/vector_delta.py. With offload_state the factors live in host memory and come to the GPU a
+decoder block at a time, just ahead of the hooks that use them (edgezo/offload.py).
 """
 
 from __future__ import annotations
