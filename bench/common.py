@@ -245,6 +245,16 @@ def plain(delta) -> Iterator[None]:
         delta.reattach()
 
 
+@contextlib.contextmanager
+def attached(delta) -> Iterator[None]:
+    """A detached DeltaModel's hooks in place for the duration (a second optimizer on the same model)."""
+    delta.reattach()
+    try:
+        yield
+    finally:
+        delta.detach()
+
+
 # ---------------------------------------------------------------- process memory (Linux)
 
 

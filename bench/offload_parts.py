@@ -59,11 +59,8 @@ def main(argv=None) -> dict:
         opt.delta.detach()
 
     def forward(opt):
-        opt.delta.reattach()
-        try:
+        with C.attached(opt.delta):
             opt.evaluate(loss, batch, plan, 0)
-        finally:
-            opt.delta.detach()
 
     g, offloaded = torch.randn(8), opts["offloaded"]
     real, copied_once = offloaded.delta.shuttle, CopiedOnce(torch.device("cuda"))

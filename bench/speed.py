@@ -91,12 +91,8 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
 
     @contextlib.contextmanager
     def offloaded_hooks():  # the offloaded optimizer's hooks in place of the resident one's
-        with C.plain(opt.delta):
-            offloaded.delta.reattach()
-            try:
-                yield
-            finally:
-                offloaded.delta.detach()
+        with C.plain(opt.delta), C.attached(offloaded.delta):
+            yield
 
     def offloaded_step():
         with offloaded_hooks():

@@ -164,7 +164,7 @@ class ZOOptimizer:
             return False, 0.0
         dropped = 0.0
         for chunk in self._update_chunks():  # (offloaded: a chunk's tensors come and go in a few copies)
-            targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+            targets, states = self._members(chunk)
             with _resident(targets, states, self.delta.shuttle, FACTORS):
                 for target, st in zip(targets, states):
                     dropped = max(dropped, target.fold(self.config.adapter_rank))
@@ -215,8 +215,7 @@ class ZOOptimizer:
         method.update per chunk of same-shape targets. No host sync: a CUDA graph can capture it
         (with `scaled` and `lr` as device tensors it refills before each replay)."""
         for j, chunk in enumerate(chunks):
-            targets = [self.targets[i] for i in chunk]
-            states = [self.state.per_target[i] for i in chunk]
+            targets, states = self._members(chunk)
             if j + 1 < len(chunks):  # offloaded: the next chunk's copies overlap this chunk's kernels
                 self._fetch_ahead(chunks[j + 1])
             if tuple(chunk) in self.packed:
@@ -251,7 +250,7 @@ class ZOOptimizer:
             if tuple(chunk) in self.packed:
                 self.delta.shuttle.fetch_ahead(("chunk", tuple(chunk)), chunk, self.packed[tuple(chunk)])
             else:
-                targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+                targets, states = self._members(chunk)
                 self.delta.shuttle.fetch_ahead(_key(targets, None), chunk, _held(targets, states, None))
 
     def _pack(self) -> None:
@@ -261,7 +260,7 @@ class ZOOptimizer:
         offload.settle([self.targets[0].device])  # (copies into the old buffers must have landed)
         self.packed = {}
         for chunk in self._update_chunks():
-            targets, states = [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
+            targets, states = self._members(chunk)
             columns = {COORDS: [t.coords() for t in targets]} | {key: [st[key] for st in states] for key in states[0]}
             packed = iter(offload.pack([value for column in columns.values() for value in column]))
             columns = {key: [next(packed) for _ in column] for key, column in columns.items()}
@@ -286,6 +285,10 @@ class ZOOptimizer:
             for (target, key), value in zip(held, offload.pack([getattr(t, key) for t, key in held])):
                 setattr(target, key, value)
         self.delta.shuttle.reset()
+
+    def _members(self, chunk: list[int]) -> tuple[list[DeltaTarget], list[dict[str, torch.Tensor]]]:
+        """The targets of a chunk (indices) and their method state."""
+        return [self.targets[i] for i in chunk], [self.state.per_target[i] for i in chunk]
 
     def _update_chunks(self) -> list[list[int]]:
         """Indices of the targets updated together: same probe shape, device and state shapes, in
@@ -316,7 +319,7 @@ class ZOOptimizer:
             held = dict(st)
             st.clear()  # offloaded: loaded into the host tensors in place, where they keep their packing
             st.update(offload.write_back(held, own) if target.offloaded else {k: v.clone() for k, v in own.items()})
-        if self.config.offload_state:  # (packed anew: the loaded tensors are new)
+        if self.config.offload_state:  # (packed anew, for any tensor the load had to replace)
             self._pack()
 
 
