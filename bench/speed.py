@@ -157,7 +157,7 @@ def _measure(args, model, precision: str, batch: int, seq: int, log) -> dict:
 
 def _profile(opt, loss, tune, device: str, log, trace: str | None = None) -> None:
     """Where one fused step's time goes: its forward and update parts (synced medians of 5; on CPU also the
-    update without its worker threads), then the ops with the most self time, and how many ops run;
+    update without its draw threads), then the ops with the most self time, and how many ops run;
     `trace`: also a Chrome trace of that step there."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -169,15 +169,15 @@ def _profile(opt, loss, tune, device: str, log, trace: str | None = None) -> Non
     forward = C.median([C.timed(lambda: opt.evaluate(loss, tune, plan, t), device) for _ in range(5)])
     update = C.median([C.timed(lambda: opt.apply_update(g, t), device) for _ in range(5)])
     log(f"  fused step parts: forward of all slices {forward:.4f}s, update {update:.4f}s")
-    if device == "cpu":  # the update draws probe blocks on worker threads (edgezo.optim.base._probe_blocks)
+    if device == "cpu":  # the update draws a target's probes on several threads (edgezo.zo.probes.gaussian_rows)
         from edgezo.optim import base
 
-        threaded, base.draw_workers = base.draw_workers, lambda devices: 0
+        threaded, base.draw_workers = base.draw_workers, lambda device: 0
         try:
             inline = C.median([C.timed(lambda: opt.apply_update(g, t), device) for _ in range(5)])
         finally:
             base.draw_workers = threaded
-        log(f"  update with every probe block drawn in the calling thread: {inline:.4f}s")
+        log(f"  update with every probe drawn in the calling thread: {inline:.4f}s")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         opt.step(loss, tune)

@@ -16,16 +16,17 @@ decoder block at a time, just ahead of the hooks that use them (edgezo/offload.p
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import Collection, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
 from edgezo import offload, vector_delta
 from edgezo.vector_delta import VectorDelta
-from edgezo.zo.probes import PROBE, derive_seed, gaussian
+from edgezo.zo.probes import PROBE, derive_seed, gaussian_rows
 
 # The Linears of the decoder blocks (Llama/Qwen `layers.N`, OPT `decoder.layers.N`, GPT-2 `h.N`).
 DEFAULT_TARGETS = r"(^|\.)(layers|h|blocks)\.\d+\."
@@ -92,27 +93,39 @@ class DeltaTarget:
         """The window factor that the probes perturb and the update steps (its shape is probe_shape())."""
         return getattr(self, self.coords_key)
 
-    def probe_chunks(self, step_seed: int, n_probes: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-        """This target's N probes of a step, as (index of the first, fp32 block (k, *probe_shape())).
+    def probe_chunks(self, step_seed: int, n_probes: int, device: torch.device, wanted: Collection[int] | None = None,
+                     workers: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """This target's probes of a step (all N, or those `wanted` among them and any that share their
+        generator), as (index of the first, fp32 block (k, *probe_shape())).
 
-        A block holds up to PROBE_BLOCK_ELEMENTS elements (so MeZO's dense probes come one at a time)
-        and is one draw from a generator of its own, keyed by (step seed, target, block, PROBE): one
-        generator set-up and one kernel for all of a step's probes of a small target, and no draw
-        of another target, block or purpose (a basis refresh) can shift its stream.
+        A block holds up to PROBE_BLOCK_ELEMENTS elements (so MeZO's dense probes come one at a time).
+        Its rows come from the generators of probe_seeds; `workers` threads draw them side by side (CPU).
         """
-        for first, count, seed in self.probe_seeds(step_seed, n_probes):
-            yield first, gaussian((count, *self.probe_shape()), seed, device)
-
-    def probe_seeds(self, step_seed: int, n_probes: int) -> list[tuple[int, int, int]]:
-        """(index of the first probe, probe count, seed) of each block probe_chunks draws."""
         shape = self.probe_shape()
         per_block = probes_per_block(shape[0] * shape[1])
-        return [(first, min(per_block, n_probes - first), derive_seed(step_seed, self.index, first // per_block, PROBE))
-                for first in range(0, n_probes, per_block)]
+        generators = self.probe_seeds(step_seed, n_probes, device)
+        for start in range(0, n_probes, per_block):
+            inside = [g for g in generators if start <= g[0] < start + per_block]
+            used = [j for j, (first, count, _) in enumerate(inside)
+                    if wanted is None or any(first <= i < first + count for i in wanted)]
+            if used:  # from the first generator used to the last (a forward's probes are consecutive)
+                parts = inside[used[0] : used[-1] + 1]
+                yield parts[0][0], gaussian_rows(shape, [(count, seed) for _, count, seed in parts], device, workers)
+
+    def probe_seeds(self, step_seed: int, n_probes: int, device: torch.device | str) -> list[tuple[int, int, int]]:
+        """(index of the first probe, probe count, seed) of each generator of the step's probes, keyed by
+        (step seed, target, generator, PROBE). On CPU one a probe: a generator costs little there and the
+        draws are the work, so a forward of some slices draws only their probes, and threads draw a
+        target's probes side by side. On accelerators one a block: each draw is a kernel."""
+        rows, cols = self.probe_shape()
+        per_generator = 1 if torch.device(device).type == "cpu" else probes_per_block(rows * cols)
+        return [(first, min(per_generator, n_probes - first),
+                 derive_seed(step_seed, self.index, first // per_generator, PROBE))
+                for first in range(0, n_probes, per_generator)]
 
     def probe(self, step_seed: int, n_probes: int, i: int, device: torch.device) -> torch.Tensor:
         """Probe i of the step's N (the same numbers the forward and the update use)."""
-        for first, block in self.probe_chunks(step_seed, n_probes, device):
+        for first, block in self.probe_chunks(step_seed, n_probes, device, wanted=(i,)):
             if first <= i < first + len(block):
                 return block[i - first]
         raise IndexError(f"probe {i} of {n_probes}")
@@ -188,7 +201,7 @@ class DeltaTarget:
             _per_slice(x @ self.right.to(dtype).T, self.left, probing, self, acc=y)
         else:
             y.addmm_(x, self.dense.to(dtype).T)
-            if probing is not None:
+            if probing is not None and probing.wanted:
                 probing.add_probes(self, x, y)
         return out
 
@@ -201,10 +214,9 @@ def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: "Probing | None",
     dtype and applied by one batched matmul, so x is read once.
     """
     dtype = x.dtype
-    if probing is None:
+    if probing is None or not probing.wanted:  # (every slice unperturbed: nothing to draw)
         return x @ coords.to(dtype).T if acc is None else acc.addmm_(x, coords.to(dtype).T)
-    blocks = target.probe_chunks(probing.step_seed, probing.n_probes, coords.device)
-    w = probing.perturbed(coords, blocks, dtype).mT
+    w = probing.perturbed(coords, probing.blocks(target, coords.device), dtype).mT
     xs = x.view(len(probing.scales), -1, x.shape[-1])
     if acc is None:
         return torch.bmm(xs, w).view(x.shape[0], -1)
@@ -220,6 +232,17 @@ class Probing:
     probes: list[int]
     scales: list[float]
     _cache: dict = field(default_factory=dict, repr=False)  # _groups, _unperturbed: shared by all targets
+
+    @functools.cached_property
+    def wanted(self) -> tuple[int, ...]:
+        """The probes this forward applies (those of its perturbed slices)."""
+        return tuple(sorted({p for p, scale in zip(self.probes, self.scales) if p >= 0 and scale != 0.0}))
+
+    def blocks(self, target: DeltaTarget, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+        """The target's blocks of the probes this forward applies. Drawn in the calling thread: between the
+        forward's matmuls torch's OpenMP threads spin on the other cores (draw threads there gained nothing
+        on 2 cores, docs/benchmarks.md), where the update's draws gain."""
+        return target.probe_chunks(self.step_seed, self.n_probes, device, self.wanted)
 
     def perturbed(self, coords: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]],
                   dtype: torch.dtype) -> torch.Tensor:
@@ -250,7 +273,7 @@ class Probing:
         n = len(self.scales)
         xs = x.view(n, -1, x.shape[-1])
         acc = acc.view(n, -1, acc.shape[-1])
-        for first, block in target.probe_chunks(self.step_seed, self.n_probes, x.device):
+        for first, block in self.blocks(target, x.device):
             u = block.to(x.dtype).mT
             for scale, sel, pick in self._groups(first, len(block)):
                 if isinstance(sel, slice) and isinstance(pick, slice):  # views of the stacked rows

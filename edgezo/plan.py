@@ -37,9 +37,8 @@ from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.offload import Shuttle
 from edgezo.optim import DEFAULTS, OPTIMIZERS
-from edgezo.optim.base import probe_sets_drawn_together, update_chunk_bytes
+from edgezo.optim.base import update_chunk_bytes
 from edgezo.vector_delta import find_vectors
-from edgezo.zo.probes import MAX_DRAW_WORKERS
 
 GiB = 1 << 30
 # Baseline of the process before any model tensor. cpu: RSS of python + torch + transformers + edgezo
@@ -251,10 +250,10 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     State is fp32, except zo-mopi's P, M and V at state_dtype. A hooked Linear's forward holds its fp32
     probe block (DeltaTarget.probe_chunks) and the slices' perturbed factors in the compute dtype; the
     update works in fp32 on one chunk of same-shape targets at a time (ZOOptimizer._update_chunks):
-    the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus the probe blocks drawn
-    together (on CPU, base.probe_sets_drawn_together). With offload_state the factors visit the device
-    too: in the forward those of the decoder blocks held and the next one; in the update the coordinates
-    and method state of two chunks, the one computing and the next arriving.
+    the stacked Ĝ and state and the method's temporaries (UPDATE_WORKING), plus a probe block. With
+    offload_state the factors visit the device too: in the forward those of the decoder blocks held and
+    the next one; in the update the coordinates and method state of two chunks, the one computing and
+    the next arriving.
     """
     state = adapter = forward = update = 0
     visiting: list[int] = []  # offload_state: each target's factors, which visit the device in the forward
@@ -282,9 +281,6 @@ def _state(a: Anatomy, s: Settings, b: int) -> tuple[int, int, int, int]:
     for (rows, cols), sizes in groups.items():
         chunk = max(sizes[0], min(chunk_bytes, sum(sizes)))
         drawn = _block_bytes(rows * cols, s.n_probes)
-        if s.device_type == "cpu" and s.optimizer != "mezo":  # whole probe sets drawn together (base._probe_blocks)
-            probe_set = 4 * rows * cols * s.n_probes
-            drawn = probe_set * max(1, probe_sets_drawn_together(probe_set, MAX_DRAW_WORKERS))
         # offloaded: the chunk's coordinates and state come as a copy, and the next chunk's arrive meanwhile
         update = max(update, (UPDATE_WORKING[s.optimizer] + 2 * s.offload_state) * chunk + drawn)
     # offloaded: the factors of the blocks the forward holds (Shuttle.KEPT) and of the next, coming

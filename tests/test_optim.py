@@ -2,17 +2,19 @@
 
 import copy
 import functools
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import lm_loss, tiny, token_batch
 from torch import nn
 
+from edgezo import delta as delta_module
 from edgezo.delta import DeltaModel, DeltaTarget, Probing
 from edgezo.optim import OPTIMIZERS, base, make_optimizer
 from edgezo.zo import estimators
-from edgezo.zo.probes import drawn_in_parallel, gaussian
+from edgezo.zo import probes
+from edgezo.zo.probes import gaussian
 
 SMALL = dict(rank=8)  # tiny models have 64-wide layers
 
@@ -256,33 +258,57 @@ def test_fused_probes_equal_separate_forwards(name):
         assert torch.allclose(t1.weight_delta(), t2.weight_delta(), rtol=1e-4, atol=1e-6)
 
 
-def test_drawn_in_parallel_returns_each_job_in_any_order_of_takes():
-    calls = []
+@pytest.mark.parametrize("workers", [2, 3])
+def test_gaussian_rows_are_each_generators_draw_whatever_the_threads(workers, monkeypatch):
+    """gaussian_rows: part j's rows are gaussian((count, *shape), seed_j); with workers > 1 the caller draws
+    one share and workers - 1 shares go to the draw threads."""
+    pool, submitted = ThreadPoolExecutor(2), []
 
-    def job(key):
-        calls.append((key, threading.current_thread().name.startswith("edgezo-draw")))
-        return gaussian((3,), key)
+    class Recording:
+        def submit(self, fn, *args):
+            submitted.append(fn)
+            return pool.submit(fn, *args)
 
-    jobs = {key: functools.partial(job, key) for key in range(6)}
-    with drawn_in_parallel(jobs, workers=2) as take:
-        got = {key: take(key) for key in (2, 0, 1, 3, 5, 4, 4)}  # out of order, and 4 twice
-    assert all(torch.equal(got[key], gaussian((3,), key)) for key in jobs)
-    # each once on a worker (2 with 3, 0 with 1), and 4 again, in the caller, when taken again
-    assert sorted(calls) == sorted([(k, True) for k in range(6)] + [(4, False)])
+    monkeypatch.setattr(probes, "_pool", lambda: Recording())
+    parts = [(1, 11), (2, 12), (1, 13), (1, 14)]
+    block = probes.gaussian_rows((3, 5), parts, "cpu", workers)
+    expected = torch.cat([gaussian((count, 3, 5), seed) for count, seed in parts])
+    assert torch.equal(block, expected)
+    assert len(submitted) == workers - 1
+    assert torch.equal(probes.gaussian_rows((3, 5), parts), expected)  # in the caller alone
 
 
 @pytest.mark.parametrize("name", ["zo-mopi", "lozo", "mezo"])
 def test_drawing_probes_on_worker_threads_changes_nothing(name, monkeypatch):
-    """On CPU the update draws probe blocks several at a time on worker threads (base._probe_blocks):
-    bitwise the same steps as drawing each block when needed."""
+    """On CPU the update draws a target's probes on several threads (gaussian_rows): bitwise the same steps
+    as drawing them in the calling thread, as the forward does."""
     runs = []
-    for workers in (0, 2):
-        monkeypatch.setattr(base, "draw_workers", lambda devices, w=workers: w)
+    for workers in (0, 2, 3):
+        monkeypatch.setattr(base, "draw_workers", lambda device, w=workers: w)
         delta, opt, results = _run(name, tiny("opt"), 3, interval=2 if name != "mezo" else 0)
         runs.append((delta.state_dict(), [r.scalars for r in results]))
-    (s0, g0), (s2, g2) = runs
-    assert g0 == g2
-    assert all(torch.equal(s0[key], s2[key]) for key in s0)
+    for state, scalars in runs[1:]:
+        assert scalars == runs[0][1]
+        assert all(torch.equal(state[key], runs[0][0][key]) for key in state)
+
+
+@pytest.mark.parametrize("fuse", [1, 3])
+def test_a_forward_draws_only_the_probes_of_its_slices(fuse, monkeypatch):
+    """On CPU a probe has a generator of its own: a forward of some slices draws only their probes, and the
+    unperturbed slice's forward draws none, so N probes are drawn once per step in the forwards whatever
+    `fuse` is (and once more by the update)."""
+    drawn = []
+
+    def counted(shape, parts, device="cpu", workers=0):
+        drawn.append(sum(count for count, _ in parts))
+        return probes.gaussian_rows(shape, parts, device, workers)
+
+    monkeypatch.setattr(delta_module, "gaussian_rows", counted)
+    delta = DeltaModel.attach(tiny("opt"))
+    opt = make_optimizer("zo-mopi", delta, seed=0, **_settings("zo-mopi", n_probes=4, fuse=fuse))
+    plan = estimators.slices(4, False)
+    opt.evaluate(lm_loss, token_batch(), plan, 0)
+    assert sum(drawn) == 4 * len(delta.targets)
 
 
 @pytest.mark.parametrize("name,extra", [(n, {}) for n in OPTIMIZERS] + [("zo-mopi", {"state_dtype": "bf16"})])

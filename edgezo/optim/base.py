@@ -27,7 +27,7 @@ from edgezo.delta import FACTORS, DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
 from edgezo.optim.graphed import GraphedUpdate
 from edgezo.zo import estimators
-from edgezo.zo.probes import derive_seed, draw_workers, drawn_in_parallel
+from edgezo.zo.probes import derive_seed, draw_workers
 
 if TYPE_CHECKING:
     from edgezo.distributed import Replicas
@@ -45,12 +45,6 @@ COORDS = "coords"  # offload_state: the targets' coordinates, among the method s
 
 def update_chunk_bytes(device: torch.device) -> int:
     return UPDATE_CHUNK_BYTES_CUDA if device.type == "cuda" else UPDATE_CHUNK_BYTES
-
-
-def probe_sets_drawn_together(probe_set_bytes: int, workers: int) -> int:
-    """Targets whose probe sets the CPU update draws at once (_probe_blocks): one per worker, within
-    UPDATE_CHUNK_BYTES of probes."""
-    return min(workers, UPDATE_CHUNK_BYTES // probe_set_bytes)
 
 
 @dataclass
@@ -200,13 +194,16 @@ class ZOOptimizer:
         # g_i/N on the targets' device once (a blocking copy per chunk would wait for the GPU each time)
         step_seed, scaled = self.step_seed(t), (g.float() / len(g)).to(self.targets[0].device, non_blocking=True)
         if self.graphed is None or not self.graphed.replay(scaled, step_seed):
-            chunks = self._update_chunks()
-            order = [self.targets[i].index for chunk in chunks for i in chunk]
-            with _probe_blocks(self.targets, step_seed, len(g), order) as blocks_of:
-                self.update_matrices(chunks, scaled, blocks_of, self.config.lr)
+            blocks_of = functools.partial(self._probe_blocks, step_seed, len(g))
+            self.update_matrices(self._update_chunks(), scaled, blocks_of, self.config.lr)
         for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
             vector.update(g, step_seed, self.config.lr_1d)
         self.state.step = t + 1
+
+    def _probe_blocks(self, step_seed: int, n_probes: int, index: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Target `index`'s probe blocks of the step, the numbers the forward drew (DeltaTarget.probe_chunks)."""
+        device = self.targets[index].device
+        return self.targets[index].probe_chunks(step_seed, n_probes, device, workers=draw_workers(device))
 
     def update_matrices(self, chunks: list[list[int]], scaled: torch.Tensor,
                         blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]],
@@ -360,36 +357,6 @@ def _place(targets: list[DeltaTarget], states: list[dict[str, torch.Tensor]], te
             setattr(targets[i], key, value)
         else:
             states[i][key] = value
-
-
-@contextlib.contextmanager
-def _probe_blocks(targets: list[DeltaTarget], step_seed: int, n_probes: int,
-                  order: list[int]) -> Iterator[Callable[[int], Iterable[tuple[int, torch.Tensor]]]]:
-    """Yields blocks_of(target index) -> the target's probe blocks of the step (DeltaTarget.probe_chunks).
-
-    On CPU the update draws several targets' blocks side by side on worker threads, in `order`
-    (edgezo.zo.probes.drawn_in_parallel): torch draws a tensor's Gaussians on one core, and here the
-    draws are nearly all the work. (Not in the forward, where it was measured slower: the matmuls
-    between the draws keep torch's own threads on the cores; docs/benchmarks.md.) The targets drawn
-    together hold at most MAX_DRAW_WORKERS probe sets and UPDATE_CHUNK_BYTES of them (or one target's).
-    Full-space (MeZO) blocks, each the size of its weight, always come one at a time.
-    """
-    by_index = {t.index: t for t in targets}
-
-    def lazy(index: int) -> Iterator[tuple[int, torch.Tensor]]:
-        return by_index[index].probe_chunks(step_seed, n_probes, by_index[index].device)
-
-    def drawn(index: int) -> list[tuple[int, torch.Tensor]]:
-        return list(lazy(index))
-
-    workers = draw_workers(t.device for t in targets) if all(t.side != "full" for t in targets) else 0
-    largest = max((4 * n_probes * math.prod(t.probe_shape()) for t in targets), default=1)
-    workers = probe_sets_drawn_together(largest, workers)
-    if workers <= 1:
-        yield lazy
-        return
-    with drawn_in_parallel({i: functools.partial(drawn, i) for i in order}, workers) as take:
-        yield take
 
 
 def _estimates(targets: list[DeltaTarget], g: torch.Tensor,

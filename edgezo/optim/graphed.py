@@ -50,7 +50,7 @@ class GraphedUpdate:
             self._capture(len(scaled))
             self.captured_on = written
         for target in self.opt.targets:
-            for block, (_, _, seed) in enumerate(target.probe_seeds(step_seed, len(scaled))):
+            for block, (_, _, seed) in enumerate(target.probe_seeds(step_seed, len(scaled), target.device)):
                 self.generators[(target.index, block)].manual_seed(seed)
         self.g.copy_(scaled)
         self.lr.fill_(self.opt.config.lr)
@@ -70,7 +70,7 @@ class GraphedUpdate:
         self.lr = torch.zeros((), device=device)
         self.generators = {}
         for target in opt.targets:
-            for block in range(len(target.probe_seeds(0, n_probes))):
+            for block in range(len(target.probe_seeds(0, n_probes, device))):
                 self.generators[(target.index, block)] = gen = torch.Generator(device=device)
                 self.graph.register_generator_state(gen)
 
@@ -78,7 +78,7 @@ class GraphedUpdate:
             target = by_index[index]
             return [(first, torch.randn((count, *target.probe_shape()), generator=self.generators[(index, block)],
                                         device=device, dtype=torch.float32))
-                    for block, (first, count, _) in enumerate(target.probe_seeds(0, n_probes))]
+                    for block, (first, count, _) in enumerate(target.probe_seeds(0, n_probes, device))]
 
         with torch.cuda.device(device), torch.cuda.graph(self.graph):
             opt.update_matrices(opt._update_chunks(), self.g, blocks_of, self.lr)

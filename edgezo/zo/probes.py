@@ -1,21 +1,18 @@
 """Seeded Gaussian probes: regenerated on demand, never stored (the MeZO trick).
 
-Every random draw owns its generator, keyed by (run seed, step, target, block, purpose); a step's N
-probes of one target are one block drawn at once (edgezo.delta.DeltaTarget.probe_chunks). A draw
-therefore can never shift another draw's stream: the refresh of a basis and the probes of a step are
-independent streams, and the update regenerates exactly the block the forward used (this is what
-makes bugs B1-B3 of the released code impossible here).
+Every random draw owns its generator, keyed by (run seed, step, target, generator, purpose); a step's
+N probes of one target come from one generator a probe on CPU and one a block of probes on accelerators
+(edgezo.delta.DeltaTarget.probe_seeds). A draw therefore can never shift another draw's stream: the
+refresh of a basis and the probes of a step are independent streams, and the update regenerates exactly
+the probes the forward used (this is what makes bugs B1-B3 of the released code impossible here).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Hashable, Iterable, Iterator, TypeVar
 
 import torch
-
-T = TypeVar("T")
 
 _MASK64 = (1 << 64) - 1
 
@@ -41,44 +38,46 @@ def gaussian(shape: tuple[int, ...], seed: int, device: torch.device | str = "cp
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
 
-# Draw threads at most: each holds a probe set in memory (measured on 2 cores; more were not measured).
+# Draw threads at most (the caller's among them): measured on 2 cores, where torch's OpenMP threads, spinning
+# for a while after each parallel op, already contend with them; more cores were not measured.
 MAX_DRAW_WORKERS = 4
 
 
-def draw_workers(devices: Iterable[torch.device]) -> int:
-    """Threads that draw in parallel (drawn_in_parallel) for probes living on `devices`: on CPU one per
-    core torch uses, as torch draws a tensor's Gaussians on one core, up to MAX_DRAW_WORKERS; none on
+def draw_workers(device: torch.device | str) -> int:
+    """Threads that draw a block's generators side by side (gaussian_rows) on `device`: on CPU one per core
+    torch uses, up to MAX_DRAW_WORKERS, as torch draws a tensor's Gaussians on one core; none on
     accelerators (draws are kernels queued in order) or when torch is held to one thread."""
-    devices = list(devices)
-    cpu_only = bool(devices) and all(torch.device(d).type == "cpu" for d in devices)
     threads = min(torch.get_num_threads(), MAX_DRAW_WORKERS)
-    return threads if cpu_only and threads > 1 else 0
+    return threads if torch.device(device).type == "cpu" and threads > 1 else 0
 
 
-@contextlib.contextmanager
-def drawn_in_parallel(jobs: dict[Hashable, Callable[[], T]], workers: int) -> Iterator[Callable[[Hashable], T]]:
-    """Yields take(key) -> jobs[key](). A take whose job has not run yet runs it together with the next
-    `workers` - 1 jobs (in the dict's order), one per worker thread, and waits for all of them: the
-    caller's cores draw side by side, and never while the caller's own torch ops run (drawing beside
-    them was measured slower). Each job owns its generator, so what it returns does not depend on the
-    thread. A key taken twice runs its job again; workers = 0 runs every job at its take."""
-    if workers <= 0:
-        yield lambda key: jobs[key]()
-        return
-    keys = list(jobs)
-    position = {key: i for i, key in enumerate(keys)}
-    started: set[Hashable] = set()
-    ready: dict[Hashable, T] = {}
-    with ThreadPoolExecutor(workers, thread_name_prefix="edgezo-draw") as pool:
+def gaussian_rows(shape: tuple[int, ...], parts: list[tuple[int, int]], device: torch.device | str = "cpu",
+                  workers: int = 0) -> torch.Tensor:
+    """An fp32 (Σ count, *shape) block whose consecutive rows come from generators of their own: `parts`
+    lists (count, seed), and part j's rows equal gaussian((count, *shape), seed). With workers > 1 the
+    parts are drawn by that many threads side by side (the caller's among them), into the one block;
+    the numbers do not depend on the thread."""
+    rows = [count for count, _ in parts]
+    out = torch.empty(sum(rows), *shape, device=device)
+    pieces = list(zip(out.split(rows), (seed for _, seed in parts)))
 
-        def take(key: Hashable) -> T:
-            if key in ready:
-                return ready.pop(key)
-            if key in started:
-                return jobs[key]()
-            group = [k for k in keys[position[key]:] if k not in started][:workers]
-            started.update(group)
-            ready.update(zip(group, pool.map(lambda k: jobs[k](), group)))
-            return ready.pop(key)
+    def fill(share: list[tuple[torch.Tensor, int]]) -> None:
+        for piece, seed in share:
+            piece.normal_(generator=torch.Generator(device=device).manual_seed(seed))
 
-        yield take
+    workers = min(workers, len(pieces))
+    if workers <= 1:
+        fill(pieces)
+        return out
+    shares = [pieces[w::workers] for w in range(workers)]
+    waiting = [_pool().submit(fill, share) for share in shares[1:]]
+    fill(shares[0])
+    for job in waiting:
+        job.result()
+    return out
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The draw threads, started once (a pool per draw would start threads ~170 times a step)."""
+    return ThreadPoolExecutor(MAX_DRAW_WORKERS - 1, thread_name_prefix="edgezo-draw")
