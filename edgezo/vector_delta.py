@@ -87,7 +87,7 @@ class VectorDelta:
     def per_slice(self, param: str, probing: Probing | None) -> torch.Tensor:
         """The delta each slice sees, (S, d): δ + scale_s · z_s while probing, else δ as (1, d)."""
         delta = getattr(self, param)
-        if probing is None:
+        if probing is None or not probing.wanted:  # (every slice unperturbed: nothing to draw)
             return delta[None]
         block = self.probe_block(param, probing.step_seed, probing.n_probes)
         return probing.perturbed(delta, [(0, block)], torch.float32)
