@@ -105,11 +105,11 @@ class DeltaTarget:
         per_block = probes_per_block(shape[0] * shape[1])
         generators = self.probe_seeds(step_seed, n_probes, device)
         for start in range(0, n_probes, per_block):
-            inside = [g for g in generators if start <= g[0] < start + per_block]
-            used = [j for j, (first, count, _) in enumerate(inside)
-                    if wanted is None or any(first <= i < first + count for i in wanted)]
-            if used:  # from the first generator used to the last (a forward's probes are consecutive)
-                parts = inside[used[0] : used[-1] + 1]
+            parts = [g for g in generators if start <= g[0] < start + per_block]
+            if wanted is not None:  # from the first generator wanted to the last (a forward's are consecutive)
+                used = [j for j, (first, count, _) in enumerate(parts) if any(first <= i < first + count for i in wanted)]
+                parts = parts[used[0] : used[-1] + 1] if used else []
+            if parts:
                 yield parts[0][0], gaussian_rows(shape, [(count, seed) for _, count, seed in parts], device, workers)
 
     def probe_seeds(self, step_seed: int, n_probes: int, device: torch.device | str) -> list[tuple[int, int, int]]:
@@ -242,7 +242,8 @@ class Probing:
         """The target's blocks of the probes this forward applies. Drawn in the calling thread: between the
         forward's matmuls torch's OpenMP threads spin on the other cores (draw threads there gained nothing
         on 2 cores, docs/benchmarks.md), where the update's draws gain."""
-        return target.probe_chunks(self.step_seed, self.n_probes, device, self.wanted)
+        wanted = None if len(self.wanted) == self.n_probes else self.wanted
+        return target.probe_chunks(self.step_seed, self.n_probes, device, wanted)
 
     def perturbed(self, coords: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]],
                   dtype: torch.dtype) -> torch.Tensor:

@@ -57,6 +57,8 @@ def gaussian_rows(shape: tuple[int, ...], parts: list[tuple[int, int]], device: 
     lists (count, seed), and part j's rows equal gaussian((count, *shape), seed). With workers > 1 the
     parts are drawn by that many threads side by side (the caller's among them), into the one block;
     the numbers do not depend on the thread."""
+    if len(parts) == 1:  # (one generator: a block on an accelerator, where the host's time per draw counts)
+        return gaussian((parts[0][0], *shape), parts[0][1], device)
     rows = [count for count, _ in parts]
     out = torch.empty(sum(rows), *shape, device=device)
     pieces = list(zip(out.split(rows), (seed for _, seed in parts)))
