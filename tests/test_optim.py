@@ -380,3 +380,15 @@ def test_state_hash_covers_half_precision_state():
     assert state_hash(*a) == state_hash(*b)
     a[1].step(lm_loss, token_batch())
     assert state_hash(*a) != state_hash(*b)
+
+
+def test_a_forked_child_draws_on_threads_of_its_own():
+    """The draw threads are started once per process: a child forked after the parent drew gets its own
+    (the parent's threads do not exist there, and a pool that believed in them would never run a job)."""
+    import multiprocessing
+
+    parts = [(1, 21), (1, 22), (1, 23)]
+    expected = probes.gaussian_rows((2, 3), parts, "cpu", workers=3)  # starts the parent's pool
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(probes.gaussian_rows, ((2, 3), parts, "cpu", 3)).get(timeout=60)
+    assert torch.equal(got, expected)

@@ -10,6 +10,7 @@ the probes the forward used (this is what makes bugs B1-B3 of the released code 
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -83,3 +84,6 @@ def gaussian_rows(shape: tuple[int, ...], parts: list[tuple[int, int]], device: 
 def _pool() -> ThreadPoolExecutor:
     """The draw threads, started once (a pool per draw would start threads ~170 times a step)."""
     return ThreadPoolExecutor(MAX_DRAW_WORKERS - 1, thread_name_prefix="edgezo-draw")
+
+
+os.register_at_fork(after_in_child=_pool.cache_clear)  # a forked child has none of the parent's threads
