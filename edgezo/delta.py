@@ -107,7 +107,8 @@ class DeltaTarget:
         for start in range(0, n_probes, per_block):
             parts = [g for g in generators if start <= g[0] < start + per_block]
             if wanted is not None:  # from the first generator wanted to the last (a forward's are consecutive)
-                used = [j for j, (first, count, _) in enumerate(parts) if any(first <= i < first + count for i in wanted)]
+                used = [j for j, (first, count, _) in enumerate(parts)
+                        if any(first <= i < first + count for i in wanted)]
                 parts = parts[used[0] : used[-1] + 1] if used else []
             if parts:
                 yield parts[0][0], gaussian_rows(shape, [(count, seed) for _, count, seed in parts], device, workers)

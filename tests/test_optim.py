@@ -1,7 +1,6 @@
 """The engine on tiny random-init models: delta path, fused probes, refresh, state, estimators."""
 
 import copy
-import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
