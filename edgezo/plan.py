@@ -386,7 +386,7 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
     unknown = sorted(set(candidates) - set(PRIORITY))
     if unknown:
         raise EdgezoError(f"cannot search over {unknown}; searchable settings are {', '.join(PRIORITY)}")
-    ranked = {k: sorted(set(candidates[k]), key=lambda v, k=k: _size(k, v), reverse=True)
+    ranked = {k: sorted(set(candidates[k]), key=lambda v, k=k: candidate_size(k, v), reverse=True)
               for k in PRIORITY if candidates.get(k)}  # largest first
     if base.precision in QUANT_BYTES and "streaming" in ranked:
         ranked["streaming"] = [False]  # quantized weights are not streamed
@@ -404,7 +404,7 @@ def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base
     return dataclasses.replace(base, **chosen)
 
 
-def _size(key: str, value) -> float:
+def candidate_size(key: str, value) -> float:
     """Order of candidates: not streaming > streaming, the same for offload_state; fuse None > any fuse;
     by bytes for state_dtype."""
     if key == "state_dtype":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgezo.errors import EdgezoError
 from edgezo.plan import (FLOAT_BYTES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
-                         _size, anatomy, largest_fitting, load_config, plan)
+                         anatomy, candidate_size, largest_fitting, load_config, plan)
 
 DEVICES = tuple(RUNTIME_BYTES)
 FLOAT_PRECISIONS = tuple(FLOAT_BYTES)
@@ -167,7 +167,7 @@ def resolve(profile: Profile, model, *, overrides: dict | None = None) -> tuple[
 
 
 def _too_small(profile, config, base, candidates, budget, runtime) -> EdgezoError:
-    smallest = {k: min(v, key=lambda x, k=k: _size(k, x)) for k, v in candidates.items()}
+    smallest = {k: min(v, key=lambda x, k=k: candidate_size(k, x)) for k, v in candidates.items()}
     if "streaming" in candidates and base.precision not in FLOAT_PRECISIONS:
         smallest["streaming"] = False  # quantized weights are not streamed
     p = plan(config, dataclasses.replace(base, **smallest), budget, runtime)

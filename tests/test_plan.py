@@ -20,7 +20,7 @@ from transformers import LlamaConfig
 
 from edgezo.errors import EdgezoError
 from edgezo.optim.base import UPDATE_CHUNK_BYTES
-from edgezo.plan import _size
+from edgezo.plan import candidate_size
 from edgezo.plan import (PRECISIONS, PRIORITY, RUNTIME_BYTES, Settings, anatomy, largest_fitting, load_config,
                          pin_heap_threshold, plan)
 from edgezo.runtime.memory import peak_rss_of_child
@@ -220,7 +220,7 @@ def test_largest_fitting_is_monotone_in_the_budget():
 
 
 def _key(s: Settings, k: str):
-    return _size(k, getattr(s, k))
+    return candidate_size(k, getattr(s, k))
 
 
 def test_config_from_folder_and_gguf(tmp_path):

@@ -131,7 +131,7 @@ def test_min_steps_trades_tokens_per_step_for_steps():
 
 
 def _size(s: Settings, key: str):
-    return plan_mod._size(key, getattr(s, key))
+    return plan_mod.candidate_size(key, getattr(s, key))
 
 
 def test_a_gpu_profile_moves_the_state_to_host_memory_only_when_nothing_fits_otherwise():

@@ -65,7 +65,6 @@ class GraphedUpdate:
 
     def _capture(self, n_probes: int) -> None:
         opt, device = self.opt, self.opt.targets[0].device
-        by_index = {t.index: t for t in opt.targets}
         self.graph, self.g = torch.cuda.CUDAGraph(), torch.zeros(n_probes, device=device)
         self.lr = torch.zeros((), device=device)
         self.generators = {}
@@ -75,7 +74,7 @@ class GraphedUpdate:
                 self.graph.register_generator_state(gen)
 
         def blocks_of(index: int) -> list[tuple[int, torch.Tensor]]:
-            target = by_index[index]
+            target = opt.targets[index]
             return [(first, torch.randn((count, *target.probe_shape()), generator=self.generators[(index, block)],
                                         device=device, dtype=torch.float32))
                     for block, (first, count, _) in enumerate(target.probe_seeds(0, n_probes, device))]
