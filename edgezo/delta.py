@@ -143,6 +143,8 @@ class DeltaTarget:
         """The dense m×n update accumulated in the current window."""
         if self.side == "full":
             return self.dense.clone()
+        if self.right is None:  # an adapter pair alone (fo-lora)
+            return self.lora_B.new_zeros(self.out_features, self.in_features)
         return self.left.to(self.right.dtype) @ self.right
 
     def weight_delta(self) -> torch.Tensor:
@@ -162,9 +164,10 @@ class DeltaTarget:
         """
         if self.side == "full":
             return 0.0
-        left = self.left.to(self.right.dtype)
-        b = left if self.lora_B is None else torch.cat([self.lora_B, left], dim=1)
-        a = self.right if self.lora_A is None else torch.cat([self.lora_A, self.right], dim=0)
+        window = self.right is not None  # (none: an adapter pair alone, as fo-lora trains)
+        bs = ([] if self.lora_B is None else [self.lora_B]) + ([self.left.to(self.right.dtype)] if window else [])
+        as_ = ([] if self.lora_A is None else [self.lora_A]) + ([self.right] if window else [])
+        b, a = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.T)
         u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -176,9 +179,9 @@ class DeltaTarget:
         root = s[:keep].sqrt()
         self.lora_B = (qb @ u[:, :keep]) * root
         self.lora_A = root[:, None] * (vh[:keep] @ qa.T)
-        if self.side == "right":
+        if window and self.side == "right":
             self.right = torch.zeros_like(self.right)
-        else:
+        elif window:
             self.left = torch.zeros_like(self.left)
         return dropped
 

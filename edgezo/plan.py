@@ -36,7 +36,7 @@ from edgezo.delta import DEFAULT_TARGETS, probes_per_block
 from edgezo.dtypes import FLOAT_DTYPES
 from edgezo.errors import EdgezoError
 from edgezo.offload import Shuttle
-from edgezo.optim import DEFAULTS, OPTIMIZERS
+from edgezo.optim import DEFAULTS, FIRST_ORDER, OPTIMIZERS, FOConfig
 from edgezo.optim.base import update_chunk_bytes
 from edgezo.vector_delta import find_vectors
 
@@ -77,14 +77,24 @@ class Settings:
     cuda_graph: bool = False  # the update replayed as a CUDA graph (ZOConfig.cuda_graph): its pool stays allocated
     offload_state: bool = False  # factors and method state in host memory (ZOConfig.offload_state)
     loss: str = "full"  # "full": tests' lm_loss (all logits, KV cache on); "scored": edgezo.data's loss
+    lora_rank: int = FOConfig.rank  # fo-lora: R of each trained LoRA pair
+    recompute: bool = True  # fo-lora: activation checkpointing per decoder block
+    scored_tokens: int | None = None  # fo-lora, scored loss: positions scored per row (None: all, the worst case)
+
+    @property
+    def first_order(self) -> bool:
+        return self.optimizer == FIRST_ORDER
 
     @property
     def slices(self) -> int:
+        """Forwards a step costs (fo-lora: forward-equivalents of its forward, recompute and backward)."""
+        if self.first_order:
+            return dataclasses.replace(FOConfig(), recompute=self.recompute).forwards_per_step
         return 2 * self.n_probes if self.two_sided else self.n_probes + 1
 
     @property
     def slices_per_forward(self) -> int:
-        return min(self.fuse or self.slices, self.slices)
+        return 1 if self.first_order else min(self.fuse or self.slices, self.slices)
 
     @property
     def device_type(self) -> str:
@@ -92,6 +102,8 @@ class Settings:
 
     def optimizer_kwargs(self) -> dict:
         """The make_optimizer overrides these settings imply (only fields the method has)."""
+        if self.first_order:
+            return {"rank": self.lora_rank, "recompute": self.recompute, "adapter_rank": self.adapter_rank}
         method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
         out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
         if "state_dtype" in method_fields and self.state_dtype != "fp32":  # older runs keep their settings
@@ -202,6 +214,8 @@ def _validate(s: Settings) -> None:
                        ("state_dtype", tuple(FLOAT_BYTES))):
         if getattr(s, key) not in valid:
             raise EdgezoError(f"invalid setting {key}={getattr(s, key)!r}; use one of {', '.join(valid)}")
+    if s.lora_rank < 1 or (s.scored_tokens is not None and s.scored_tokens < 1):
+        raise EdgezoError(f"invalid setting lora_rank={s.lora_rank} or scored_tokens={s.scored_tokens}; use integers >= 1")
     if s.device_type not in RUNTIME_BYTES:
         raise EdgezoError(f"invalid setting device={s.device!r}; use cpu, cuda, cuda:N or mps")
     for key in ("rank", "k", "n_probes", "batch_size", "seq_len", "fuse", "interval", "adapter_rank"):
@@ -215,6 +229,9 @@ def _validate(s: Settings) -> None:
                           f"on {s.device} the state is in host memory already")
     if s.offload_state and s.cuda_graph:
         raise EdgezoError("invalid setting: cuda_graph with offload_state; turn one off")
+    if s.first_order and (s.streaming or s.offload_state or s.cuda_graph or s.train_1d):
+        raise EdgezoError("invalid setting: fo-lora with streaming, offload_state, cuda_graph or train_1d; "
+                          "fo-lora needs the model resident and trains the LoRA pairs only: turn those off")
     if s.streaming and s.precision in QUANT_BYTES:
         raise EdgezoError(f"invalid setting: streaming with {s.precision}; stream fp32, fp16 or bf16 weights only")
 
@@ -317,6 +334,39 @@ def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     return body, max(0, 2 * tokens * a.hidden * b + chunk * (4 + (b if b < 4 else 0)) - body)
 
 
+# fo-lora's backward: what one decoder block saves for it, per token, in units of the compute dtype
+# (Llama-like: the norms' outputs, q/k/v and attention's output and statistics, the MLP's gate, up,
+# act(gate) and their product; the delta path's clones of the Linear outputs). Calibrated on CPU
+# (tests/test_plan.py); the plan's activations are this for one block (the one recomputed) or all.
+FO_BLOCK_SAVED = {"hidden": 7.5, "kv": 3.3, "widest": 5}
+# What the first backward adds however small the model: the autograd engine's buffers and code (CPU, measured).
+FO_BACKWARD_BYTES = 32 << 20
+
+
+def _fo_state(a: Anatomy, s: Settings) -> tuple[int, int, int, int]:
+    """(optimizer state, adapter, 0, 0): Adam's two moments and the gradient of each LoRA pair; the pair
+    itself and the scaled copy of B the forward uses."""
+    pairs = sum((m + n) * min(s.lora_rank, m, n) for m, n in a.targets)
+    scaled_b = sum(m * min(s.lora_rank, m, n) for m, n in a.targets)
+    return 4 * 3 * pairs, 4 * (pairs + scaled_b), 0, 0
+
+
+def _fo_transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
+    """(activations, logits) of a forward and backward: each block's input kept for its recompute (all
+    blocks' saved tensors without recomputation), and the loss's logits with their gradient."""
+    tokens = s.batch_size * s.seq_len
+    saved = int((FO_BLOCK_SAVED["hidden"] * a.hidden + FO_BLOCK_SAVED["kv"] * a.kv_dim
+             + FO_BLOCK_SAVED["widest"] * (1 + a.gated) * a.widest) * tokens * b)
+    if a.eager or s.device_type == "mps":  # the attention scores and their softmax are saved too
+        saved += 2 * s.batch_size * a.heads * s.seq_len**2 * b
+    kept = a.blocks * a.hidden * tokens * b  # the blocks' inputs
+    activations = FO_BACKWARD_BYTES + (kept + saved + 2 * a.hidden * tokens * b if s.recompute else a.blocks * saved)
+    if s.loss == "full":  # logits, log-softmax and their gradient, fp32
+        return activations, 3 * 4 * tokens * a.vocab
+    scored = min(s.seq_len - 1, s.scored_tokens or s.seq_len)
+    return activations, 3 * 4 * s.batch_size * scored * a.vocab
+
+
 def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:
     """The memory plan of fine-tuning `model` (folder, .gguf or config) with `settings`.
 
@@ -329,8 +379,8 @@ def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> M
     _validate(s)
     b = _compute_bytes(s)
     weights, window = _weights(a, s, b)
-    state, adapter, probes, update = _state(a, s, b)
-    activations, logits = _transients(a, s, b)
+    state, adapter, probes, update = _fo_state(a, s) if s.first_order else _state(a, s, b)
+    activations, logits = _fo_transients(a, s, b) if s.first_order else _transients(a, s, b)
     items = {"runtime": RUNTIME_BYTES[s.device_type] if runtime is None else runtime, "weights": weights,
              "activations": activations, "logits": logits, "probes": probes,
              # the update runs after the forward's tensors are freed; a CUDA graph's pool keeps its tensors

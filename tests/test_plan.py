@@ -52,8 +52,14 @@ CASES = [
     ("15M quanto-int8 loaded b4", {"save": MID},
      Settings(precision="quanto-int8", batch_size=4, seq_len=64, interval=1), 2),
     ("135M zo-mopi b2 s64", {"shape": SMOL_SHAPE, "vocab": 49152}, Settings(batch_size=2, seq_len=64, interval=1), 2),
+    # fo-lora: backprop with each block recomputed; two steps, so Adam's moments exist
+    ("17M fo-lora b4 s64", {"shape": MID, "vocab": 8192}, Settings("fo-lora", batch_size=4, seq_len=64), 2),
+    ("17M fo-lora b8 s128 scored", {"shape": MID, "vocab": 8192},
+     Settings("fo-lora", batch_size=8, seq_len=128, loss="scored"), 2),
+    ("17M fo-lora b8 s128 scored, no recompute", {"shape": MID, "vocab": 8192},
+     Settings("fo-lora", batch_size=8, seq_len=128, loss="scored", recompute=False), 2),
 ]
-FAST = [0, 1, 2, 3]  # the cases pytest runs (all of them: python tests/test_plan.py)
+FAST = [0, 1, 2, 3, 9, 10]  # the cases pytest runs (all of them: python tests/test_plan.py)
 
 
 def lm_loss(model, batch, num_slices):

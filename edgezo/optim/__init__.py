@@ -1,4 +1,5 @@
-"""The four methods behind one interface: `make_optimizer(name, delta, ...)` -> ZOOptimizer."""
+"""The four zeroth-order methods behind one interface, `make_optimizer(name, delta, ...)` -> ZOOptimizer,
+and the budgeted first-order mode ("fo-lora", edgezo/optim/first_order.py) behind the same one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 
 from edgezo.delta import DeltaModel
 from edgezo.errors import EdgezoError
+from edgezo.optim.first_order import FirstOrder, FOConfig
 from edgezo.optim.base import LossFn, Method, OptimizerState, StepResult, ZOConfig, ZOOptimizer
 from edgezo.optim.lozo import LOZO
 from edgezo.optim.mezo import MeZO
@@ -21,16 +23,20 @@ DEFAULTS: dict[str, tuple[Method, ZOConfig]] = {
     "lozo": (LOZO(), ZOConfig(lr=9e-5, n_probes=1, two_sided=True)),
     "mezo": (MeZO(), ZOConfig(lr=3e-5, n_probes=1, two_sided=True)),
 }
-OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
+ZO_OPTIMIZERS = ("zo-mopi", "zo-muon", "lozo", "mezo")
+FIRST_ORDER = "fo-lora"
+OPTIMIZERS = (*ZO_OPTIMIZERS, FIRST_ORDER)
 
 
 def make_optimizer(name: str, delta: DeltaModel, seed: int = 0, variant: str = "paper", parallel=None,
-                   **overrides) -> ZOOptimizer:
+                   **overrides) -> ZOOptimizer | FirstOrder:
     """A ZOOptimizer for `name` with its defaults, any field of the method or of ZOConfig overridden.
 
     `variant="released"` (ZO-MOPI only) selects the authors' released configuration, bugs fixed.
     `parallel` (edgezo.distributed.make_parallel) spreads each step's evaluations over a process group.
     """
+    if name == FIRST_ORDER:
+        return FirstOrder(delta, _first_order(overrides), seed=seed, parallel=parallel)
     key = f"{name}-released" if variant == "released" else name
     if key not in DEFAULTS:
         raise EdgezoError(f"unknown optimizer {name!r} (variant {variant!r}); choose one of {', '.join(OPTIMIZERS)}")
@@ -45,7 +51,15 @@ def make_optimizer(name: str, delta: DeltaModel, seed: int = 0, variant: str = "
     return ZOOptimizer(delta, method, config, seed=seed, parallel=parallel)
 
 
+def _first_order(overrides: dict) -> FOConfig:
+    valid = {f.name for f in dataclasses.fields(FOConfig)} - {"name"}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise EdgezoError(f"unknown setting(s) {sorted(unknown)} for {FIRST_ORDER}; valid: {sorted(valid)}")
+    return dataclasses.replace(FOConfig(), **overrides)
+
+
 __all__ = [
-    "DEFAULTS", "OPTIMIZERS", "LOZO", "LossFn", "MeZO", "OptimizerState", "StepResult", "ZOConfig",
+    "DEFAULTS", "FIRST_ORDER", "FOConfig", "FirstOrder", "OPTIMIZERS", "ZO_OPTIMIZERS", "LOZO", "LossFn", "MeZO", "OptimizerState", "StepResult", "ZOConfig",
     "ZOMOPI", "ZOMuon", "ZOOptimizer", "make_optimizer", "released",
 ]
