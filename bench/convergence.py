@@ -44,27 +44,30 @@ import torch  # noqa: E402
 
 from edgezo import data as D  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel  # noqa: E402
-from edgezo.optim import make_optimizer  # noqa: E402
+from edgezo.optim import DEFAULTS, FIRST_ORDER, FOConfig, make_optimizer  # noqa: E402
+from edgezo.plan import Settings, plan  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model, resolve_folder  # noqa: E402
 from edgezo.runtime.memory import PeakMemory  # noqa: E402
 from edgezo.sentiment import build_sentiment_task  # noqa: E402
 from edgezo.zo import estimators  # noqa: E402
 
 # In priority order: if --max-minutes cuts the run short, the headline comparisons are done first.
-# name: (optimizer, variant, settings overridden; "targets": the DeltaModel pattern). ZO-MOPI runs with the
-# paper's N=8 (edgezo's default is now 4, from the ablation).
-METHODS = {"zo-mopi": ("zo-mopi", "paper", {"n_probes": 8}), "zo-muon": ("zo-muon", "paper", {}),
+# name: (optimizer, variant, settings overridden; "targets": the DeltaModel pattern). "zo-mopi" is edgezo's
+# default (N=4, from the ablation; "zo-mopi-paper" has the paper's N=8; runs before December 2026 used N=8 here).
+METHODS = {"zo-mopi": ("zo-mopi", "paper", {}), "zo-muon": ("zo-muon", "paper", {}),
+           "fo-lora": ("fo-lora", "paper", {}),
            "mezo": ("mezo", "paper", {}), "zo-mopi-released": ("zo-mopi", "released", {}),
            "lozo": ("lozo", "paper", {})}
 # Why ZO-MOPI does what it does (docs/convergence.md, "Why, and what changes it"): one setting changed at a time,
 # picked with --methods. "zo-mopi-n4" is edgezo's default ZO-MOPI.
-ABLATIONS = {"zo-mopi-k8": ("zo-mopi", "paper", {"k": 8}), "zo-mopi-k64": ("zo-mopi", "paper", {"k": 64}),
+ABLATIONS = {"zo-mopi-paper": ("zo-mopi", "paper", {"n_probes": 8}), "zo-mopi-k8": ("zo-mopi", "paper", {"k": 8}), "zo-mopi-k64": ("zo-mopi", "paper", {"k": 64}),
              "zo-mopi-beta0": ("zo-mopi", "paper", {"beta": 0.0}), "zo-mopi-n4": ("zo-mopi", "paper", {"n_probes": 4}),
              "zo-mopi-n16": ("zo-mopi", "paper", {"n_probes": 16}),
              "zo-mopi-attn": ("zo-mopi", "paper", {"targets": r"(^|\.)layers\.\d+\.self_attn\."}),
              "zo-mopi-eps1e-2": ("zo-mopi", "paper", {"eps": 1e-2})}
 ALL = METHODS | ABLATIONS
 LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in ALL}
+LR_GRID["fo-lora"] = (3e-4, 1e-3, 3e-3)  # Adam on LoRA pairs
 # Zero-shot 55% on the 500 test tweets (near chance: it says "negative" too often); "Review: {text}\nSentiment:"
 # gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
 TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
@@ -103,7 +106,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="forwards between test evaluations (100)")
     p.add_argument("--eval-examples", type=int, help="test subset size (500: all)")
     p.add_argument("--seeds", type=int, help="seeds per method at its lr, and for FO (3)")
-    p.add_argument("--sweep-forwards", type=int, help="budget per sweep run; 0: no sweep, middle lr (600)")
+    p.add_argument("--sweep-forwards", type=int, help="budget per sweep run; 0: no sweep, the library's default lr (600)")
     p.add_argument("--sweep-examples", type=int, default=200, help="validation subset for the sweep")
     p.add_argument("--batch-size", type=int, help="examples per batch, 2 rows each (16)")
     p.add_argument("--max-length", type=int, help="tokens per row (128)")
@@ -188,6 +191,15 @@ def grid(budget: int, every: int) -> list[int]:
     return list(range(every, budget + 1, every)) or [budget]
 
 
+def default_lr(method: str) -> float:
+    name, variant, _ = ALL[method]
+    return FOConfig.lr if name == FIRST_ORDER else DEFAULTS[f"{name}-released" if variant == "released" else name][1].lr
+
+
+def name_of(method: str) -> str:
+    return ALL[method][0]
+
+
 def attach(b: Bench, method: str, seed: int, lr: float, **extra):
     """A DeltaModel on the shared base and `method`'s optimizer over it (detach it when done)."""
     name, variant, settings = ALL[method]
@@ -208,7 +220,8 @@ def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int,
     delta, opt = attach(b, method, seed, lr)
     accs, losses, forwards, bad = [], [], 0, 0
     try:
-        per_step = len(estimators.slices(opt.config.n_probes, opt.config.two_sided))
+        per_step = (opt.config.forwards_per_step if name_of(method) == FIRST_ORDER  # forward, recompute, backward
+                    else len(estimators.slices(opt.config.n_probes, opt.config.two_sided)))
         for point in grid(budget, every):
             if time.time() > deadline:  # out of time: the rest of the curve stays NaN
                 break
@@ -290,7 +303,15 @@ def measure_memory(b: Bench, lrs: dict[str, float], unfused: bool) -> dict[str, 
         out["zo-mopi (fuse=1)"] = peak_rise(b.device, lambda: zo("zo-mopi", fuse=1))
     # FO trains a private copy of the base; the copy is not a cost of first-order training
     out["first-order LoRA"] = peak_rise(b.device, lambda: fo_step(b, *lora_model(b, 0), bt)) - weights
-    return {k: weights + max(v, 0) for k, v in out.items()}
+    out = {k: weights + max(v, 0) for k, v in out.items()}
+    if "fo-lora" in lrs:  # what edgezo plan predicts for it: the same tensors (no runtime, no allocator slack)
+        rows, length = bt["input_ids"].shape
+        scored = int(bt["target_mask"].sum(1).max())
+        device = "cuda" if b.device.type == "cuda" else "cpu"
+        p = plan(b.model.config, Settings(FIRST_ORDER, batch_size=rows, seq_len=length, loss="scored",
+                                          scored_tokens=scored, device=device))
+        out["fo-lora (plan)"] = p.peak_bytes - p.items["runtime"] - p.items["allocator"]
+    return out
 
 
 # ---------------------------------------------------------------- the parent: scheduling
@@ -314,8 +335,8 @@ class Sweep:
     def best(self) -> float:
         """Lowest final validation loss (ties: higher accuracy). Not accuracy: on 200 examples its standard
         error is ~3 points, more than the gaps between neighbouring learning rates (docs/convergence.md)."""
-        if not self.enabled:
-            return LR_GRID[self.method][1]
+        if not self.enabled:  # no sweep: the library's default, what a user who gives no lr gets
+            return default_lr(self.method)
         return min(self.lrs, key=lambda x: (self.scores[x][1], -self.scores[x][0]))
 
     def extend(self) -> bool:

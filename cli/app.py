@@ -77,7 +77,9 @@ def tune(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run folder: adapter, metrics, checkpoint"),
     steps: Optional[int] = typer.Option(None, help="steps (default: the profile's time budget, else 100)"),
     max_time: Optional[float] = typer.Option(None, help="stop cleanly after this many seconds"),
-    optimizer: Optional[str] = typer.Option(None, help="zo-mopi | zo-muon | lozo | mezo"),
+    optimizer: Optional[str] = typer.Option(
+        None, help="zo-mopi | zo-muon | lozo | mezo (forward only) | fo-lora (first-order LoRA, recomputed blocks); "
+                   "default: zo-mopi, or with --profile whatever fits (fo-lora first)"),
     variant: Optional[str] = typer.Option(None, help="paper | released (zo-mopi only)"),
     task: Optional[str] = typer.Option(None, help="classify | complete | lm"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
@@ -272,8 +274,10 @@ def plan(
         table.add_row("state in host memory (not in the peak)", human_bytes(result.host_bytes))
     stdout.print(table)
     s = result.settings
+    method = (f"LoRA rank {s.lora_rank}{', blocks recomputed' if s.recompute else ''}" if s.first_order
+              else f"rank {s.rank}, {s.n_probes} probes{' two-sided' if s.two_sided else ''}")
     stdout.print(f"settings: {s.optimizer}, {s.precision} on {s.device}, batch {s.batch_size} x {s.seq_len} tokens, "
-                 f"rank {s.rank}, {s.n_probes} probes{' two-sided' if s.two_sided else ''}"
+                 f"{method}"
                  + (f", {s.state_dtype} state" if s.optimizer == "zo-mopi" and s.state_dtype != "fp32" else "")
                  + (", state in host memory" if s.offload_state else "")
                  + (f", {steps} steps" if steps else ""), highlight=False)

@@ -1,0 +1,84 @@
+"""Seconds per step and per forward of each method with its defaults, on the real model and a real batch.
+
+    python bench/step_time.py --data DIR [--device cuda] [--threads 2]
+
+SmolLM2-135M-Instruct (fp32) on one batch of the convergence benchmark's sentiment task (16 tweets = 32 rows,
+`edgezo tune --task classify`'s loss), one process, the methods measured in turn on the same batch. With the
+forwards each method needs to reach an accuracy (docs/convergence.md) this gives the wall time to it:
+time = forwards / (forwards per step) x (seconds per step). Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from edgezo import data as D  # noqa: E402
+from edgezo.delta import DeltaModel  # noqa: E402
+from edgezo.optim import make_optimizer  # noqa: E402
+from edgezo.runtime.load import find_demo_gguf, load_model  # noqa: E402
+
+METHODS = ("zo-mopi", "zo-muon", "mezo", "fo-lora")  # each with its defaults (edgezo.optim.DEFAULTS, FOConfig)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", required=True, help="folder with the convergence benchmark's train/test.jsonl")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method, after one warm-up step")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(find_demo_gguf(), "fp32", args.device)
+    folder = Path(args.data)
+    task = D.load_task_data(folder / "train.jsonl", loaded.tokenizer, "classify", eval_path=folder / "test.jsonl",
+                            template="Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:",
+                            label_words={"negative": " negative", "positive": " positive"}, max_length=128)
+    batch = {k: v.to(loaded.device) for k, v in D.batch_at(task, 16, 0, 0).items()}
+    loss = D.make_loss(task)
+    rows = {}
+    with torch.no_grad():
+        for _ in range(2):
+            sync(loaded.device)
+            t = time.perf_counter()
+            loss(loaded.model, batch, 1)
+            sync(loaded.device)
+        rows["inference forward"] = {"s_per_step": time.perf_counter() - t, "forwards_per_step": 1}
+    for method in METHODS:
+        delta = DeltaModel.attach(loaded.model)
+        opt = make_optimizer(method, delta, seed=0)
+        times, forwards = [], 0
+        for i in range(args.steps + 1):
+            sync(loaded.device)
+            t = time.perf_counter()
+            forwards = opt.step(loss, batch).forwards
+            sync(loaded.device)
+            times.append(time.perf_counter() - t)
+        delta.detach()
+        rows[method] = {"s_per_step": statistics.median(times[1:]), "forwards_per_step": forwards}
+    base = rows["inference forward"]["s_per_step"]
+    print(f"{'method':<18} {'s/step':>8} {'fwd/step':>8} {'s/forward':>10} {'x inference':>12}")
+    for name, r in rows.items():
+        r["s_per_forward"] = r["s_per_step"] / r["forwards_per_step"]
+        r["x_inference_per_forward"] = r["s_per_forward"] / base
+        print(f"{name:<18} {r['s_per_step']:8.3f} {r['forwards_per_step']:8d} {r['s_per_forward']:10.3f} "
+              f"{r['x_inference_per_forward']:12.2f}")
+    print(json.dumps({"device": args.device, "threads": args.threads, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
