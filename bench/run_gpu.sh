@@ -4,7 +4,9 @@
 # (the machine stays warm 30 s): `part` copies the carried third (.carryA, .carryB, .carryC) to /tmp/g; `start`
 # joins them and starts bench/convergence.py in its own session, so it outlives the call; `wait` follows it for
 # up to 9 minutes and copies its outputs to $OUT. Wheels missing there travel in .whl.
-#   NAME=convergence (default) | ablation: the run's outputs /tmp/g/out/NAME.*, taken over from .carry3/prev/NAME.json
+#   NAME=convergence (default) | ablation: the run's outputs /tmp/g/out/NAME.*, taken over from .carry3/prev/NAME.json;
+#   DATA: the task's train/validation/test.jsonl folder (default .carry3/sentiment)
+#   steptime: bench/step_time.py on $DATA before anything else shares the GPU
 #   product LR STEPS [NAME [FLAGS]]: `edgezo tune` ZO-MOPI on the same task, in the background too (docs/convergence.md)
 set -uo pipefail
 stage=$1; shift
@@ -14,7 +16,7 @@ if [ ! -f /tmp/g/wheels.done ] && ls .whl/*.whl >/dev/null 2>&1; then
     >/dev/null 2>&1 && touch /tmp/g/wheels.done
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EDGEZO_CACHE=/tmp/g/cache
-GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf NAME=${NAME:-convergence}
+GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf NAME=${NAME:-convergence} DATA=${DATA:-.carry3/sentiment}
 TEMPLATE='Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:'
 running() { for p in /tmp/g/*.pid; do kill -0 "$(cat "$p")" 2>/dev/null && return 0; done; return 1; }
 copy_out() {
@@ -28,6 +30,9 @@ join_gguf() {  # the third part travels with this call
 }
 case $stage in
   part)  cp .carry[ABC]/gp0* /tmp/g/ && ls -la /tmp/g && nvidia-smi --query-gpu=name,memory.used --format=csv ;;
+  steptime) # seconds per step of each method's defaults on one batch of $DATA, alone on the GPU (bench/step_time.py)
+         join_gguf
+         python3 bench/step_time.py --model $GGUF --device cuda --data $DATA 2>&1 | grep -v Warn | tee $OUT/step_time_${NAME}_gpu.log ;;
   start) # start ARGS...: ARGS go to bench/convergence.py
          join_gguf
          cp .carry3/prev/$NAME.json /tmp/g/out/$NAME.json 2>/dev/null
@@ -35,7 +40,7 @@ case $stage in
            nvidia-cuda-mps-control -d && timeout 90 python3 -c "import torch; print('mps ok', torch.ones(2, device='cuda').sum().item())" \
              || { echo quit | nvidia-cuda-mps-control; echo "MPS failed: running without it"; }
          fi
-         setsid nohup python3 bench/convergence.py --model $GGUF --device cuda --data .carry3/sentiment \
+         setsid nohup python3 bench/convergence.py --model $GGUF --device cuda --data $DATA \
            --out /tmp/g/out/$NAME.png --resume "$@" > /tmp/g/out/$NAME.log 2>&1 < /dev/null &
          echo $! > /tmp/g/$NAME.pid; sleep 60; copy_out ;;
   product) # product LR STEPS [NAME [TUNE FLAGS...]]: seed 0, batch 16, eval on the test split every 11 steps (~100 forwards)

@@ -37,13 +37,14 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="GGUF file or HF folder (default: the demo SmolLM2 GGUF)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", required=True, help="folder with the convergence benchmark's train/test.jsonl")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method, after one warm-up step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(find_demo_gguf(), "fp32", args.device)
+    loaded = load_model(args.model or find_demo_gguf(), "fp32", args.device)
     folder = Path(args.data)
     task = D.load_task_data(folder / "train.jsonl", loaded.tokenizer, "classify", eval_path=folder / "test.jsonl",
                             template="Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:",
