@@ -341,7 +341,7 @@ class Sweep:
 
     def extend(self) -> bool:
         best, lrs = self.best(), self.lrs
-        if best not in (lrs[0], lrs[-1]) or len(lrs) >= len(LR_GRID[self.method]) + 2:
+        if not self.enabled or best not in (lrs[0], lrs[-1]) or len(lrs) >= len(LR_GRID[self.method]) + 2:
             return False
         self.lrs = [float(f"{lrs[0] / 3:.0g}")] + lrs if best == lrs[0] else lrs + [float(f"{lrs[-1] * 3:.0g}")]
         return True
