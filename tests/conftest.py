@@ -1,3 +1,7 @@
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,6 +9,15 @@ import torch.nn.functional as F
 from edgezo.runtime.synthetic import make_model
 
 VOCAB = 97
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):
+    """bench/NAME.py as a module: bench/ is a folder of scripts, not part of the library, importable from the
+    repository root as the namespace package `bench` (the way its scripts import each other)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"bench.{name}")
 
 
 def lm_loss(model, batch, num_slices):

