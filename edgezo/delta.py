@@ -16,10 +16,9 @@ decoder block at a time, just ahead of the hooks that use them (edgezo/offload.p
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
-from dataclasses import dataclass, field
-from typing import Collection, Iterable, Iterator, Literal
+from dataclasses import dataclass
+from typing import Collection, Iterator, Literal
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from torch import nn
 from edgezo import offload, vector_delta
 from edgezo.vector_delta import VectorDelta
 from edgezo.zo.probes import PROBE, derive_seed, gaussian_rows
+from edgezo.zo.probing import Probing
 
 # The Linears of the decoder blocks (Llama/Qwen `layers.N`, OPT `decoder.layers.N`, GPT-2 `h.N`).
 DEFAULT_TARGETS = r"(^|\.)(layers|h|blocks)\.\d+\."
@@ -185,7 +185,7 @@ class DeltaTarget:
             self.left = torch.zeros_like(self.left)
         return dropped
 
-    def forward_delta(self, x: torch.Tensor, out: torch.Tensor, probing: "Probing | None") -> torch.Tensor:
+    def forward_delta(self, x: torch.Tensor, out: torch.Tensor, probing: Probing | None) -> torch.Tensor:
         """out + delta(x), for an input whose leading rows are grouped slice-major when probing.
 
         `out` is the base Linear's fresh output; the delta is accumulated into it in place
@@ -210,7 +210,7 @@ class DeltaTarget:
         return out
 
 
-def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: "Probing | None", target: DeltaTarget,
+def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: Probing | None, target: DeltaTarget,
                acc: torch.Tensor | None = None) -> torch.Tensor:
     """x @ Wᵀ (added into `acc` if given), W = coords unperturbed, or per slice s W_s = coords + scale_s·probe_s.
 
@@ -225,99 +225,6 @@ def _per_slice(x: torch.Tensor, coords: torch.Tensor, probing: "Probing | None",
     if acc is None:
         return torch.bmm(xs, w).view(x.shape[0], -1)
     return acc.view(len(probing.scales), -1, acc.shape[-1]).baddbmm_(xs, w).view(acc.shape)
-
-
-@dataclass
-class Probing:
-    """The perturbations of the current forward: slice s carries scales[s] · probe probes[s] (-1: none)."""
-
-    step_seed: int
-    n_probes: int
-    probes: list[int]
-    scales: list[float]
-    _cache: dict = field(default_factory=dict, repr=False)  # _groups, _unperturbed: shared by all targets
-
-    @functools.cached_property
-    def wanted(self) -> tuple[int, ...]:
-        """The probes this forward applies (those of its perturbed slices)."""
-        return tuple(sorted({p for p, scale in zip(self.probes, self.scales) if p >= 0 and scale != 0.0}))
-
-    def blocks(self, target: DeltaTarget, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-        """The target's blocks of the probes this forward applies. Drawn in the calling thread: between the
-        forward's matmuls torch's OpenMP threads spin on the other cores (draw threads there gained nothing
-        on 2 cores, docs/benchmarks.md), where the update's draws gain."""
-        wanted = None if len(self.wanted) == self.n_probes else self.wanted
-        return target.probe_chunks(self.step_seed, self.n_probes, device, wanted)
-
-    def perturbed(self, coords: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]],
-                  dtype: torch.dtype) -> torch.Tensor:
-        """(S, *coords.shape) in `dtype`: coords + scale_s · probe s for each slice s, summed in fp32 and
-        rounded once, each slice written once. `blocks`: the step's probes as (index of the first, block).
-
-        No index tensor is built where the slices are evenly spaced, so a GPU is never synced here.
-        """
-        w = torch.empty(len(self.scales), *coords.shape, dtype=dtype, device=coords.device)
-        coords, baseline = coords.float(), self._unperturbed()
-        if baseline != []:  # (an empty index would still cost a host-to-device copy)
-            w[baseline] = coords.to(dtype)
-        for first, block in blocks:
-            for scale, sel, pick in self._groups(first, len(block)):
-                if isinstance(sel, slice) and isinstance(pick, slice):
-                    torch.add(coords, block[pick], alpha=scale, out=w[sel])
-                else:
-                    w[sel] = torch.add(coords, block[pick], alpha=scale).to(dtype)
-        return w
-
-    def add_probes(self, target: DeltaTarget, x: torch.Tensor, acc: torch.Tensor) -> None:
-        """acc[slice s] += scale_s · x[slice s] @ probe_sᵀ for every perturbed slice, in place (full-space
-        probes: a dense m×n per slice would be too big to form as `perturbed` does).
-
-        The probes come in blocks (DeltaTarget.probe_chunks); the slices of a block that share a
-        scale are added by one batched matmul.
-        """
-        n = len(self.scales)
-        xs = x.view(n, -1, x.shape[-1])
-        acc = acc.view(n, -1, acc.shape[-1])
-        for first, block in self.blocks(target, x.device):
-            u = block.to(x.dtype).mT
-            for scale, sel, pick in self._groups(first, len(block)):
-                if isinstance(sel, slice) and isinstance(pick, slice):  # views of the stacked rows
-                    acc[sel].baddbmm_(xs[sel], u[pick], alpha=scale)
-                else:
-                    idx = torch.tensor(sel, device=x.device)
-                    acc.index_add_(0, idx, torch.bmm(xs[idx], u[pick]), alpha=scale)
-
-    def _unperturbed(self) -> slice | list[int]:
-        """The slices that carry no probe (the one-sided baseline), as a slice where possible."""
-        if "unperturbed" not in self._cache:
-            idx = [s for s, (p, scale) in enumerate(zip(self.probes, self.scales)) if p < 0 or scale == 0.0]
-            self._cache["unperturbed"] = (_progression(idx) or idx) if idx else []
-        return self._cache["unperturbed"]
-
-    def _groups(self, first: int, count: int) -> list[tuple[float, slice | list[int], slice | list[int]]]:
-        """(scale, slices, rows of the block) for the perturbed slices whose probe is in the block,
-        as slices where evenly spaced (views, no index tensor); the same for every target, so cached."""
-        key = (first, count)
-        if key not in self._cache:
-            groups: dict[float, tuple[list[int], list[int]]] = {}
-            for s, (p, scale) in enumerate(zip(self.probes, self.scales)):
-                if first <= p < first + count and scale != 0.0:
-                    slices, rows = groups.setdefault(scale, ([], []))
-                    slices.append(s)
-                    rows.append(p - first)
-            self._cache[key] = [
-                (scale, _progression(slices) or slices, _progression(rows) or rows)
-                for scale, (slices, rows) in groups.items()
-            ]
-        return self._cache[key]
-
-
-def _progression(idx: list[int]) -> slice | None:
-    """The slice that selects exactly the increasing indices `idx`, if they are evenly spaced."""
-    step = idx[1] - idx[0] if len(idx) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
-        return slice(idx[0], idx[-1] + 1, step)
-    return None
 
 
 def _blocks(targets: list[DeltaTarget]) -> list[list[int]]:

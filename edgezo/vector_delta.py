@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,8 @@ from torch import nn
 
 from edgezo.errors import EdgezoError
 from edgezo.zo.probes import PROBE_1D, derive_seed, gaussian
+from edgezo.zo.probing import Probing
 
-if TYPE_CHECKING:
-    from edgezo.delta import Probing
 
 Kind = Literal["linear", "layernorm", "rmsnorm"]
 PARAMS = ("weight", "bias")

@@ -9,11 +9,12 @@ from conftest import lm_loss, tiny, token_batch
 from torch import nn
 
 from edgezo import delta as delta_module
-from edgezo.delta import DeltaModel, DeltaTarget, Probing
+from edgezo.delta import DeltaModel, DeltaTarget
 from edgezo.optim import OPTIMIZERS, base, make_optimizer
 from edgezo.zo import estimators
 from edgezo.zo import probes
 from edgezo.zo.probes import gaussian
+from edgezo.zo.probing import Probing
 
 SMALL = dict(rank=8)  # tiny models have 64-wide layers
 

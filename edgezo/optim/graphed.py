@@ -14,20 +14,37 @@ tested (tests/test_graphed.py, on a GPU) for ZO-MOPI.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 
+from edgezo.delta import DeltaTarget
 from edgezo.errors import EdgezoError
 
-if TYPE_CHECKING:
-    from edgezo.optim.base import ZOOptimizer
+
+class Updater(Protocol):
+    """What the graph needs of the optimizer whose update it replays: edgezo.optim.base.ZOOptimizer, which
+    builds a GraphedUpdate, so it is described here rather than imported (base imports graphed, not back)."""
+
+    method: Any  # .name
+    state: Any  # .per_target: each target's state tensors
+    config: Any  # .lr
+
+    @property
+    def targets(self) -> list[DeltaTarget]: ...
+
+    def update_matrices(self, chunks: list[list[int]], scaled: torch.Tensor,
+                        blocks_of: Callable[[int], Iterable[tuple[int, torch.Tensor]]],
+                        lr: float | torch.Tensor) -> None: ...
+
+    def _update_chunks(self) -> list[list[int]]: ...
 
 
 class GraphedUpdate:
     """ZOOptimizer.apply_update's replacement for the matrix targets: replay() runs the step's update."""
 
-    def __init__(self, opt: ZOOptimizer):
+    def __init__(self, opt: Updater):
         devices = {t.device.type for t in opt.targets}
         if devices != {"cuda"} or opt.method.name != "zo-mopi":
             raise EdgezoError("cuda_graph needs every trained Linear on a CUDA device and the zo-mopi optimizer "
