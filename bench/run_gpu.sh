@@ -4,6 +4,7 @@
 # (the machine stays warm 30 s): `part` copies the carried third (.carryA, .carryB, .carryC) to /tmp/g; `start`
 # joins them and starts bench/convergence.py in its own session, so it outlives the call; `wait` follows it for
 # up to 9 minutes and copies its outputs to $OUT. Wheels missing there travel in .whl.
+# The outputs the docs cite are kept in docs/runs/gpu/.
 #   NAME=convergence (default) | ablation: the run's outputs /tmp/g/out/NAME.*, taken over from .carry3/prev/NAME.json;
 #   DATA: the task's train/validation/test.jsonl folder (default .carry3/sentiment)
 #   steptime: bench/step_time.py on $DATA before anything else shares the GPU
