@@ -238,7 +238,7 @@ def tune(
                 stopping = _agree(parallel, cfg, delta, opt, stopping)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ranks = {"world_size": parallel.world, "comm_bytes": parallel.sent - sent} if parallel else {}
-                log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.peak_bytes,
+                log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.read(),
                      "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed, **ranks})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stopping):
                 last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)

@@ -77,6 +77,12 @@ class PeakMemory:
             self._thread.join()
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())  # whatever is still alive at exit counts
 
+    def read(self) -> int:
+        """The peak so far, inside the context too (on CUDA the allocator's high-water mark, without a sync)."""
+        if self.device.type == "cuda":
+            return max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        return self.peak_bytes
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
