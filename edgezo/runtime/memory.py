@@ -29,6 +29,15 @@ def current_rss_bytes() -> int:
     return _PROCESS.memory_info().rss
 
 
+def usable_bytes(device: str | torch.device) -> int:
+    """Memory this process could grow to now: what it holds plus what the device has free."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device)
+    return psutil.virtual_memory().available + current_rss_bytes()
+
+
 def _maxrss_bytes() -> int:
     """This process's lifetime RSS high-water mark (Linux reports KiB, macOS bytes)."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
