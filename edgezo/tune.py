@@ -87,9 +87,10 @@ def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: boo
 
     if resume and (out / RUN_FILE).exists():
         return json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"]
-    if set(cfg.optim) - {"adapter_rank"}:  # an lr or probe count means something else to each method
+    own = set(cfg.optim) - {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
+    if own:  # an lr or a probe count means something else to each method
         raise EdgezoError(f"optimizer auto picks the method, and its settings with it; to set "
-                          f"{', '.join(sorted(cfg.optim))}, name the optimizer (fo-lora, zo-mopi, ...)")
+                          f"{', '.join(sorted(own))}, name the optimizer (fo-lora, zo-mopi, ...)")
     settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=loaded.precision,
                              device=str(loaded.device), loss="scored", train_1d=bool(cfg.optim.get("train_1d")),
                              offload_state=bool(cfg.optim.get("offload_state")))
@@ -182,7 +183,8 @@ def tune(
     device: str = "cpu",
     callback: Callable[[dict], None] | None = None,
 ) -> TuneResult:
-    """Fine-tune `model` on the file `data` with forward passes only; writes a PEFT adapter into `out`."""
+    """Fine-tune `model` on the file `data` (forward passes only, or fo-lora's budgeted backprop); writes a PEFT
+    adapter into `out`."""
     cfg = config or TuneConfig()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, precision=precision, device=device)
     data_path, out = Path(data), Path(out)
