@@ -78,8 +78,8 @@ def tune(
     steps: Optional[int] = typer.Option(None, help="steps (default: the profile's time budget, else 100)"),
     max_time: Optional[float] = typer.Option(None, help="stop cleanly after this many seconds"),
     optimizer: Optional[str] = typer.Option(
-        None, help="zo-mopi | zo-muon | lozo | mezo (forward only) | fo-lora (first-order LoRA, recomputed blocks); "
-                   "default: zo-mopi, or with --profile whatever fits (fo-lora first)"),
+        None, help="zo-mopi | zo-muon | lozo | mezo (forward only) | fo-lora (first-order LoRA, recomputed blocks) | "
+                   "auto (fo-lora if it fits the free memory, else zo-mopi); default: zo-mopi, with --profile auto"),
     variant: Optional[str] = typer.Option(None, help="paper | released (zo-mopi only)"),
     task: Optional[str] = typer.Option(None, help="classify | complete | lm"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),

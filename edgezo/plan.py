@@ -367,6 +367,16 @@ def _fo_transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     return activations, 3 * 4 * chunk + 2 * s.batch_size * scored * a.hidden * b
 
 
+def choose_optimizer(config, settings: Settings, budget_bytes: int) -> str:
+    """"auto": fo-lora when its plan of these settings fits the budget (the planner leaves 10% of it free),
+    zo-mopi otherwise or where fo-lora cannot run (streaming, offload_state, train_1d, quanto weights)."""
+    cannot = settings.streaming or settings.offload_state or settings.train_1d or settings.precision.startswith("quanto")
+    first = dataclasses.replace(settings, optimizer=FIRST_ORDER, cuda_graph=False)
+    if not cannot and plan(config, first).peak_bytes <= 0.9 * budget_bytes:
+        return FIRST_ORDER
+    return "zo-mopi"
+
+
 def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:
     """The memory plan of fine-tuning `model` (folder, .gguf or config) with `settings`.
 

@@ -27,7 +27,7 @@ from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
 from edgezo.optim import ZOOptimizer, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
-from edgezo.runtime.memory import PeakMemory
+from edgezo.runtime.memory import PeakMemory, usable_bytes
 
 RUN_FILE = "run.json"
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
@@ -36,7 +36,7 @@ MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
 @dataclass
 class TuneConfig:
     task: str = "complete"
-    optimizer: str = "zo-mopi"
+    optimizer: str = "zo-mopi"  # or "auto": fo-lora where its plan fits this device's free memory, else zo-mopi
     variant: str = "paper"
     steps: int = 100
     max_time: float | None = None  # seconds; the run stops cleanly (checkpoint + adapter) when reached
@@ -79,6 +79,24 @@ def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
     if cfg.eval_data:  # the held-out file is part of the run too
         settings["eval_data_sha256"] = hashlib.sha256(Path(cfg.eval_data).read_bytes()).hexdigest()[:16]
     return {"model": str(model_folder), "data": str(data_path), "data_sha256": digest, "settings": settings}
+
+
+def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: bool) -> str:
+    """The optimizer "auto" stands for: a resumed run keeps the one it started with."""
+    from edgezo import plan
+
+    if resume and (out / RUN_FILE).exists():
+        return json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"]
+    own = set(cfg.optim) - {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
+    if own:  # an lr or a probe count means something else to each method
+        raise EdgezoError(f"optimizer auto picks the method, and its settings with it; to set "
+                          f"{', '.join(sorted(own))}, name the optimizer (fo-lora, zo-mopi, ...)")
+    settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=loaded.precision,
+                             device=str(loaded.device), loss="scored", train_1d=bool(cfg.optim.get("train_1d")),
+                             offload_state=bool(cfg.optim.get("offload_state")))
+    if cfg.distributed:  # (fo-lora's gradients are tensors: it runs in one process)
+        return "zo-mopi"
+    return plan.choose_optimizer(loaded.model.config, settings, usable_bytes(loaded.device))
 
 
 def _prepare_out_dir(out: Path, fingerprint: dict, resume: bool) -> bool:
@@ -165,7 +183,8 @@ def tune(
     device: str = "cpu",
     callback: Callable[[dict], None] | None = None,
 ) -> TuneResult:
-    """Fine-tune `model` on the file `data` with forward passes only; writes a PEFT adapter into `out`."""
+    """Fine-tune `model` on the file `data` (forward passes only, or fo-lora's budgeted backprop); writes a PEFT
+    adapter into `out`."""
     cfg = config or TuneConfig()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, precision=precision, device=device)
     data_path, out = Path(data), Path(out)
@@ -174,6 +193,8 @@ def tune(
         label_words=cfg.label_words, template=cfg.template, seed=cfg.seed, eval_path=cfg.eval_data,
     )
 
+    if cfg.optimizer == "auto":  # first-order where it fits this device now, else ZO-MOPI (plan.choose_optimizer)
+        cfg = dataclasses.replace(cfg, optimizer=_auto_optimizer(cfg, loaded, Path(out), resume))
     delta = DeltaModel.attach(loaded.model, cfg.targets)
     if cfg.optim.get("offload_state") and delta.targets[0].device.type != "cuda":
         raise EdgezoError(f"offload_state moves the trainable state off a GPU; on {delta.targets[0].device.type} "
@@ -238,7 +259,7 @@ def tune(
                 stopping = _agree(parallel, cfg, delta, opt, stopping)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ranks = {"world_size": parallel.world, "comm_bytes": parallel.sent - sent} if parallel else {}
-                log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.peak_bytes,
+                log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.read(),
                      "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed, **ranks})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stopping):
                 last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)

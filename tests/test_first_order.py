@@ -107,3 +107,22 @@ def test_tune_with_fo_lora_resumes_to_the_same_adapter(tmp_path):
     assert whole.forwards == 6 * 4 and evals[-1] < evals[0] - 0.2
     adapter = "adapter_model.safetensors"
     assert (tmp_path / "split" / adapter).read_bytes() == (tmp_path / "whole" / adapter).read_bytes()
+
+
+def test_auto_takes_fo_lora_where_it_fits_and_keeps_its_choice_on_resume(tmp_path, monkeypatch):
+    import edgezo.tune
+    from edgezo.runtime.synthetic import save_model_dir
+
+    folder = save_model_dir(tmp_path / "llama", "llama")
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(f"my name is ada and i live in lisbon {i}" for i in range(20)) + "\n")
+    cfg = dict(task="lm", optimizer="auto", batch_size=4, max_length=24, eval_every=0, checkpoint_every=2)
+    tune(folder, data, tmp_path / "roomy", TuneConfig(steps=2, **cfg))
+    assert json.loads((tmp_path / "roomy" / "run.json").read_text())["settings"]["optimizer"] == "fo-lora"
+    monkeypatch.setattr(edgezo.tune, "usable_bytes", lambda device: 1 << 20)  # 1 MiB free: nothing first-order fits
+    tune(folder, data, tmp_path / "roomy", TuneConfig(steps=3, **cfg), resume=True)  # the run keeps its method
+    assert json.loads((tmp_path / "roomy" / "run.json").read_text())["settings"]["optimizer"] == "fo-lora"
+    tune(folder, data, tmp_path / "tight", TuneConfig(steps=1, **cfg))
+    assert json.loads((tmp_path / "tight" / "run.json").read_text())["settings"]["optimizer"] == "zo-mopi"
+    with pytest.raises(EdgezoError, match="name the optimizer"):
+        tune(folder, data, tmp_path / "lr", TuneConfig(steps=1, **{**cfg, "optim": {"lr": 1e-3}}))

@@ -53,3 +53,17 @@ def test_peak_rss_of_child_is_at_least_the_allocation():
     result, peak = peak_rss_of_child(_allocate_and_sum, N_FLOATS)
     assert result == 50.0
     assert peak >= 200 * MB
+
+
+def test_peak_memory_reads_the_cuda_high_water_mark_inside_the_context(monkeypatch):
+    # tune logs the peak every step: on CUDA it must not be the value at entry until the context ends
+    from edgezo.runtime import memory
+
+    allocated = {"now": 100, "max": 100}
+    monkeypatch.setattr(memory.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(memory.torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(memory.torch.cuda, "memory_allocated", lambda device=None: allocated["now"])
+    monkeypatch.setattr(memory.torch.cuda, "max_memory_allocated", lambda device=None: allocated["max"])
+    with memory.PeakMemory("cuda") as pm:
+        allocated["max"] = 5000  # a step ran
+        assert pm.read() == 5000

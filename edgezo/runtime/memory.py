@@ -29,6 +29,15 @@ def current_rss_bytes() -> int:
     return _PROCESS.memory_info().rss
 
 
+def usable_bytes(device: str | torch.device) -> int:
+    """Memory this process could grow to now: what it holds plus what the device has free."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device)
+    return psutil.virtual_memory().available + current_rss_bytes()
+
+
 def _maxrss_bytes() -> int:
     """This process's lifetime RSS high-water mark (Linux reports KiB, macOS bytes)."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -76,6 +85,12 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())  # whatever is still alive at exit counts
+
+    def read(self) -> int:
+        """The peak so far, inside the context too (on CUDA the allocator's high-water mark, without a sync)."""
+        if self.device.type == "cuda":
+            return max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+        return self.peak_bytes
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
