@@ -476,3 +476,21 @@ def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def tune_settings(config, **fixed) -> Settings:
+    """The Settings of the run a TuneConfig makes (`edgezo plan` with no MODEL plans the demo's): its
+    optimizer's library defaults (edgezo.optim.DEFAULTS, FOConfig) where `config.optim` says nothing.
+    `fixed`: other Settings fields (precision, device, loss, ...)."""
+    own = {"optimizer": config.optimizer, "batch_size": config.batch_size, "seq_len": config.max_length}
+    if config.adapter_rank is not None:
+        own["adapter_rank"] = config.adapter_rank
+    if config.optimizer == FIRST_ORDER:
+        fo = dataclasses.replace(FOConfig(), **config.optim)
+        own |= {"lora_rank": fo.rank, "recompute": fo.recompute}
+    else:
+        method, zo = DEFAULTS[f"{config.optimizer}-released" if config.variant == "released" else config.optimizer]
+        values = {**dataclasses.asdict(method), **dataclasses.asdict(zo), **config.optim}
+        names = {f.name for f in dataclasses.fields(Settings)} - set(own) - {"adapter_rank", "precision", "device"}
+        own |= {k: v for k, v in values.items() if k in names}
+    return Settings(**{**own, **fixed})
