@@ -107,6 +107,15 @@ def _write(tmp_path, text: str) -> str:
     (USER_TOML.replace("seq_len = [128, 64]", "seq_len = [128, true]"), ["seq_len", "int", "bool"]),
     (USER_TOML.replace("seq_len = [128, 64]", "lr = [0.1]"), ["search over", "lr", "seq_len"]),
     ("name = [", ["not valid TOML"]),
+    # every value in its accepted range
+    (USER_TOML.replace("batch_size = [8, 4, 2]", "batch_size = [8, 0]"), ["batch_size must be an integer ≥ 1, got 0"]),
+    (USER_TOML.replace("seq_len = [128, 64]", "seq_len = [128, 4]"), ["seq_len must be an integer ≥ 8, got 4"]),
+    (USER_TOML + "interval = -1\n", ["interval must be an integer ≥ 0, got -1"]),
+    (USER_TOML + "adapter_rank = 0\n", ["adapter_rank must be an integer ≥ 1, got 0"]),
+    (USER_TOML + "k = 32\n", ["fixed.k must be an integer in [1, rank = 16], got 32"]),
+    (USER_TOML + 'state_dtype = "fp8"\n', ["state_dtype must be one of fp32, fp16, bf16, got 'fp8'"]),
+    (USER_TOML.replace('loss = "scored"', 'loss = "mean"'), ["loss must be one of full, scored, got 'mean'"]),
+    (USER_TOML.replace('fuse = ["all", 1]', 'fuse = ["all", 0]'), ["fuse must be an integer ≥ 1"]),
 ])
 def test_bad_profiles_name_the_key(tmp_path, text, words):
     with pytest.raises(EdgezoError) as err:
