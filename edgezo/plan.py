@@ -106,6 +106,8 @@ class Settings:
             return {"rank": self.lora_rank, "recompute": self.recompute, "adapter_rank": self.adapter_rank}
         method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
         out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
+        if "k" in out:  # a searched rank below k: the method would clamp k, and make_optimizer refuses k > rank
+            out["k"] = min(self.k, self.rank)
         if "state_dtype" in method_fields and self.state_dtype != "fp32":  # older runs keep their settings
             out["state_dtype"] = self.state_dtype
         out |= {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,

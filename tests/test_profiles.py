@@ -174,3 +174,12 @@ def test_a_gpu_profile_moves_the_state_to_host_memory_only_when_nothing_fits_oth
                                                                     if k != "offload_state"})
     with pytest.raises(EdgezoError, match="search.offload_state"):
         resolve(fixed, SMOL)
+
+
+def test_a_searched_rank_below_k_gives_settings_the_optimizer_takes():
+    """raspberry-pi-5-8gb searches rank down to 16, below the default k = 32: k is the rank then."""
+    from edgezo.optim import check_settings
+
+    s = Settings(optimizer="zo-mopi", rank=16, k=32)
+    assert s.optimizer_kwargs()["k"] == 16
+    check_settings("zo-mopi", **s.optimizer_kwargs())  # (raises on k > rank)
