@@ -157,7 +157,8 @@ def test_tune_state_dtype_flag(files, tmp_path):
     _, model, data, _ = files
     ok("tune", model, data, "--out", tmp_path / "run", "--state-dtype", "bf16", *FAST)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]["state_dtype"] == "bf16"
-    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *FAST, match="state_dtype must be one of fp32, fp16, bf16, got 'int8'")
+    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *FAST,
+          match="state_dtype must be one of fp32, fp16, bf16, got 'int8'")
 
 
 def test_tune_eval_data_and_template(files, tmp_path):
