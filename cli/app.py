@@ -83,7 +83,7 @@ def tune(
         None, help="zo-mopi | zo-muon | lozo | mezo (forward only) | fo-lora (first-order LoRA, recomputed blocks); "
                    "default: zo-mopi, or with --profile whatever fits (fo-lora first)"),
     variant: Optional[str] = typer.Option(None, help="paper | released (zo-mopi only)"),
-    task: Optional[str] = typer.Option(None, help="classify | complete | lm"),
+    task: Optional[str] = typer.Option(None, help="classify | complete (prompt + completion, or chat messages) | lm"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | mps"),
     seed: Optional[int] = typer.Option(None),
@@ -136,6 +136,7 @@ def tune(
 
     _quiet()
     cfg, precision, device = _tune_config(model, profile, flags)
+    cfg.validate()  # (tune checks again, with --distributed) a bad value stops here, before any rank starts
     device = _join_ranks(cfg, distributed, device or "cpu")
     try:
         with TuneProgress(cfg.steps, cfg.max_time) as bar:
