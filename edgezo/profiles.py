@@ -12,8 +12,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgezo import checks
 from edgezo.errors import EdgezoError
-from edgezo.plan import (FIRST_ORDER, FLOAT_BYTES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
+from edgezo.optim import RANGES as OPTIM_RANGES
+from edgezo.plan import (FIRST_ORDER, FLOAT_BYTES, LOSSES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
                          anatomy, candidate_size, largest_fitting, load_config, plan)
 
 DEVICES = tuple(RUNTIME_BYTES)
@@ -29,9 +31,15 @@ KEYS = {
 }
 REQUIRED = tuple(KEYS)[:5]
 TOKEN_KEYS = ("seq_len", "batch_size", "n_probes")  # the settings that set a step's work
-FIXED_KEYS = {f.name: type(f.default) for f in dataclasses.fields(Settings)} | {"fuse": int}
+FIXED_KEYS = {f.name: type(f.default) for f in dataclasses.fields(Settings)} | {"fuse": int, "scored_tokens": int}
 for _k in ("optimizer", "precision", "device"):  # profile-level keys, not fixed settings
     FIXED_KEYS.pop(_k)
+# accepted values of [search] and [fixed] settings: the optimizer's, and the Settings' own
+RANGES: dict[str, checks.Check] = {
+    **OPTIM_RANGES, "batch_size": checks.at_least(1), "seq_len": checks.at_least(checks.MIN_LENGTH),
+    "adapter_rank": checks.at_least(1), "lora_rank": checks.at_least(1), "scored_tokens": checks.at_least(1),
+    "loss": checks.one_of(LOSSES),
+}
 
 
 @dataclass
@@ -102,6 +110,8 @@ def _parse(data: dict, source: str) -> Profile:
             raise EdgezoError(f"{where}: {key} must be positive, got {value}")
     search = {k: _check_candidates(where, k, v) for k, v in data.get("search", {}).items()}
     fixed = {k: _fixed_value(where, k, v) for k, v in data.get("fixed", {}).items()}
+    if fixed.get("k", 0) > fixed.get("rank", fixed.get("k", 0)):
+        raise EdgezoError(f"{where}: fixed.k must be an integer in [1, rank = {fixed['rank']}], got {fixed['k']}")
     return Profile(**{**data, "search": search, "fixed": fixed, "source": source})
 
 
@@ -119,7 +129,8 @@ def _setting_value(where: str, key: str, value):
         return None
     kind = FIXED_KEYS[key]
     _check_type(where, key, value, kind)
-    if kind is int and value <= 0 and key not in ("interval", "adapter_rank"):
+    checks.check(RANGES, {key: value}, f"{where}: ")
+    if kind is int and key not in RANGES and value <= 0:
         raise EdgezoError(f"{where}: {key} must be a positive integer, got {value}")
     return value
 

@@ -18,19 +18,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgezo import checks
 from edgezo import data as data_mod
 from edgezo import metrics
 from edgezo.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, state_hash, truncate_jsonl
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel
-from edgezo.distributed import PeerLost, Replicas, make_parallel
+from edgezo.distributed import MODES, PeerLost, Replicas, make_parallel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
-from edgezo.optim import ZOOptimizer, make_optimizer
+from edgezo.optim import OPTIMIZERS, ZOOptimizer, check_settings, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory, usable_bytes
 
 RUN_FILE = "run.json"
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
+VARIANTS = ("paper", "released")
+# TuneConfig's accepted values (the optimizer's settings in `optim` are make_optimizer's to check)
+RANGES: dict[str, checks.Check] = {
+    "task": checks.one_of(data_mod.TASKS), "optimizer": checks.one_of(OPTIMIZERS),
+    "variant": checks.one_of(VARIANTS), "steps": checks.at_least(1),
+    "max_time": checks.optional(checks.above(0), "none (no time limit)"), "batch_size": checks.at_least(1),
+    "max_length": checks.at_least(checks.MIN_LENGTH), "seed": checks.at_least(0),
+    "eval_every": checks.at_least(0), "eval_fraction": checks.fraction(), "eval_batch_size": checks.at_least(1),
+    "checkpoint_every": checks.at_least(1), "log_every": checks.at_least(1),
+    "adapter_rank": checks.optional(checks.at_least(1), "none (exact)"),
+    "distributed": checks.optional(checks.one_of(MODES)), "hash_every": checks.at_least(0),
+    "optim": ((lambda v: isinstance(v, dict)), "a dict of optimizer settings"),
+    "label_words": ((lambda v: v is None or isinstance(v, dict)), "a dict of label -> word, or none"),
+    "template": ((lambda v: v is None or isinstance(v, str)), "a string, or none"),
+}
 
 
 @dataclass
@@ -56,6 +72,13 @@ class TuneConfig:
     template: str | None = None
     distributed: str | None = None  # "data" | "probe" | "federated" over torch.distributed's default group
     hash_every: int = 10  # distributed: steps between checks that every rank holds the same state
+
+    def validate(self) -> None:
+        """One EdgezoError naming the first setting outside its accepted range (RANGES)."""
+        checks.check(RANGES, dataclasses.asdict(self))
+        if "adapter_rank" in self.optim:
+            raise EdgezoError("adapter_rank is a TuneConfig setting: set TuneConfig.adapter_rank, not optim['adapter_rank']")
+        check_settings(self.optimizer, self.variant, **self.optim, adapter_rank=self.adapter_rank)
 
 
 @dataclass
@@ -106,11 +129,19 @@ def _prepare_out_dir(out: Path, fingerprint: dict, resume: bool) -> bool:
         saved = json.loads(run_file.read_text())
         if saved != json.loads(json.dumps(fingerprint)):
             raise EdgezoError(f"{out} holds a different run (other model, data or settings); choose another --out")
-        if not resume:
+        has_checkpoint = (out / CHECKPOINT).exists()
+        if resume and not has_checkpoint:
+            raise EdgezoError(f"{out} holds this run but no checkpoint yet (it stopped before its first one), so "
+                              "there is nothing to resume: drop --resume to start it over")
+        if not resume and has_checkpoint:
             raise EdgezoError(f"{out} already holds this run; pass --resume to continue it or choose another --out")
-        return (out / CHECKPOINT).exists()
+        if not has_checkpoint:  # starting over: the metrics of the attempt that left no checkpoint go
+            (out / metrics.METRICS).unlink(missing_ok=True)
+        return has_checkpoint
     if out.exists() and any(out.iterdir()):
         raise EdgezoError(f"{out} is not empty and holds no edgezo run; choose an empty or new --out folder")
+    if resume:
+        raise EdgezoError(f"{out} holds no run to resume: drop --resume to start a new run there")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=2)))
     return False
@@ -186,6 +217,7 @@ def tune(
     """Fine-tune `model` on the file `data` (forward passes only, or fo-lora's budgeted backprop); writes a PEFT
     adapter into `out`."""
     cfg = config or TuneConfig()
+    cfg.validate()  # before anything is loaded: a bad value costs nothing
     loaded = model if isinstance(model, LoadedModel) else load_model(model, precision=precision, device=device)
     data_path, out = Path(data), Path(out)
     task = data_mod.load_task_data(

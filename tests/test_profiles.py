@@ -107,6 +107,15 @@ def _write(tmp_path, text: str) -> str:
     (USER_TOML.replace("seq_len = [128, 64]", "seq_len = [128, true]"), ["seq_len", "int", "bool"]),
     (USER_TOML.replace("seq_len = [128, 64]", "lr = [0.1]"), ["search over", "lr", "seq_len"]),
     ("name = [", ["not valid TOML"]),
+    # every value in its accepted range
+    (USER_TOML.replace("batch_size = [8, 4, 2]", "batch_size = [8, 0]"), ["batch_size must be an integer ≥ 1, got 0"]),
+    (USER_TOML.replace("seq_len = [128, 64]", "seq_len = [128, 4]"), ["seq_len must be an integer ≥ 8, got 4"]),
+    (USER_TOML + "interval = -1\n", ["interval must be an integer ≥ 0, got -1"]),
+    (USER_TOML + "adapter_rank = 0\n", ["adapter_rank must be an integer ≥ 1, got 0"]),
+    (USER_TOML + "k = 32\n", ["fixed.k must be an integer in [1, rank = 16], got 32"]),
+    (USER_TOML + 'state_dtype = "fp8"\n', ["state_dtype must be one of fp32, fp16, bf16, got 'fp8'"]),
+    (USER_TOML.replace('loss = "scored"', 'loss = "mean"'), ["loss must be one of full, scored, got 'mean'"]),
+    (USER_TOML.replace('fuse = ["all", 1]', 'fuse = ["all", 0]'), ["fuse must be an integer ≥ 1"]),
 ])
 def test_bad_profiles_name_the_key(tmp_path, text, words):
     with pytest.raises(EdgezoError) as err:
@@ -165,3 +174,12 @@ def test_a_gpu_profile_moves_the_state_to_host_memory_only_when_nothing_fits_oth
                                                                     if k != "offload_state"})
     with pytest.raises(EdgezoError, match="search.offload_state"):
         resolve(fixed, SMOL)
+
+
+def test_a_searched_rank_below_k_gives_settings_the_optimizer_takes():
+    """raspberry-pi-5-8gb searches rank down to 16, below the default k = 32: k is the rank then."""
+    from edgezo.optim import check_settings
+
+    s = Settings(optimizer="zo-mopi", rank=16, k=32)
+    assert s.optimizer_kwargs()["k"] == 16
+    check_settings("zo-mopi", **s.optimizer_kwargs())  # (raises on k > rank)

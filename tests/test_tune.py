@@ -163,3 +163,79 @@ def test_where_the_step_runs_is_not_part_of_the_run(lm_file):
 
     assert fingerprint(offload_state=True, cuda_graph=True) == fingerprint()
     assert fingerprint(lr=0.5) != fingerprint()
+
+
+# -- every setting is checked before anything loads: one line naming the value and the accepted range ------
+
+@pytest.mark.parametrize("field, value, words", [
+    ("steps", 0, "steps must be an integer ≥ 1, got 0"),
+    ("batch_size", 0, "batch_size must be an integer ≥ 1, got 0"),
+    ("batch_size", 2.5, "batch_size must be an integer ≥ 1, got 2.5"),
+    ("max_length", 2, "max_length must be an integer ≥ 8, got 2"),
+    ("max_time", 0, "max_time must be a number > 0, or none"),
+    ("max_time", -5.0, "max_time must be a number > 0"),
+    ("eval_every", -1, "eval_every must be an integer ≥ 0"),
+    ("eval_fraction", 1.0, r"eval_fraction must be a number in \(0, 1\), got 1.0"),
+    ("eval_fraction", 0, r"eval_fraction must be a number in \(0, 1\)"),
+    ("eval_batch_size", 0, "eval_batch_size must be an integer ≥ 1"),
+    ("checkpoint_every", 0, "checkpoint_every must be an integer ≥ 1"),
+    ("log_every", 0, "log_every must be an integer ≥ 1"),
+    ("adapter_rank", 0, "adapter_rank must be an integer ≥ 1, or none"),
+    ("seed", -1, "seed must be an integer ≥ 0"),
+    ("task", "chat-ish", "task must be one of classify, complete, lm, got 'chat-ish'"),
+    ("optimizer", "adam", "optimizer must be one of zo-mopi, zo-muon, lozo, mezo, fo-lora"),
+    ("variant", "old", "variant must be one of paper, released"),
+    ("distributed", "tensor", "distributed must be one of data, probe, federated, or none"),
+    ("optim", {"lr": 0.0}, "zo-mopi: lr must be a number > 0, or 'auto', got 0.0"),
+    ("optim", {"lr": -1e-3}, "zo-mopi: lr must be a number > 0"),
+    ("optim", {"eps": 0}, "zo-mopi: eps must be a number > 0"),
+    ("optim", {"n_probes": 0}, "zo-mopi: n_probes must be an integer ≥ 1"),
+    ("optim", {"rank": 0}, "zo-mopi: rank must be an integer ≥ 1"),
+    ("optim", {"k": 0}, "zo-mopi: k must be an integer ≥ 1"),
+    ("optim", {"rank": 8, "k": 16}, r"zo-mopi: k must be an integer in \[1, rank = 8\], got 16"),
+    ("optim", {"beta": 1.0}, r"zo-mopi: beta must be a number in \[0, 1\)"),
+    ("optim", {"interval": -1}, "zo-mopi: interval must be an integer ≥ 0"),
+    ("optim", {"fuse": 0}, "zo-mopi: fuse must be an integer ≥ 1, or none"),
+    ("optim", {"state_dtype": "fp8"}, "zo-mopi: state_dtype must be one of fp32, fp16, bf16"),
+    ("optim", {"two_sided": "yes"}, "zo-mopi: two_sided must be true or false"),
+    ("optim", {"lr_1d": 0}, "zo-mopi: lr_1d must be a number > 0"),
+    ("optim", {"learning_rate": 1e-3}, r"unknown setting\(s\) \['learning_rate'\] for zo-mopi; valid: .*'lr'"),
+    ("optim", {"adapter_rank": 4}, "set TuneConfig.adapter_rank, not optim"),
+])
+def test_out_of_range_settings_stop_before_the_model_loads(tmp_path, field, value, words):
+    with pytest.raises(EdgezoError, match=words):  # no such model: the check comes first
+        tune(tmp_path / "no-model", tmp_path / "no-data.txt", tmp_path / "run", TuneConfig(**{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("optimizer, optim, words", [
+    ("zo-muon", {"orthogonalizer": "qr"}, "zo-muon: orthogonalizer must be one of ns5, svd, sgd"),
+    ("fo-lora", {"lr": 0}, "fo-lora: lr must be a number > 0"),
+    ("fo-lora", {"betas": (0.9, 1.0)}, r"fo-lora: betas must be two of \(a number in \[0, 1\)\)"),
+    ("fo-lora", {"weight_decay": -0.1}, "fo-lora: weight_decay must be a number ≥ 0"),
+    ("fo-lora", {"k": 4}, r"unknown setting\(s\) \['k'\] for fo-lora"),
+])
+def test_each_optimizers_settings_are_checked(tmp_path, optimizer, optim, words):
+    with pytest.raises(EdgezoError, match=words):
+        TuneConfig(optimizer=optimizer, optim=optim).validate()
+
+
+def test_in_range_settings_pass():
+    TuneConfig(optim={"lr": "auto", "rank": 8}).validate()  # a default k above the rank is clamped, not an error
+    TuneConfig(max_time=None, adapter_rank=None, eval_every=0, optim={"fuse": None, "beta": 0.0}).validate()
+    TuneConfig(optimizer="fo-lora", optim={"lr": 1e-3, "rank": 4, "betas": [0.9, 0.99]}).validate()
+
+
+def test_resume_with_nothing_to_resume_is_an_error(tiny_dir, lm_file, tmp_path):
+    config = TuneConfig(**{**CONFIG, "steps": 2})
+    with pytest.raises(EdgezoError, match="holds no run to resume: drop --resume to start a new run"):
+        tune(tiny_dir, lm_file, tmp_path / "new", config, resume=True)
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "run"
+    tune(tiny_dir, lm_file, out, config)
+    (out / "checkpoint.safetensors").unlink()  # as if killed before its first checkpoint
+    with pytest.raises(EdgezoError, match="no checkpoint yet .* drop --resume to start it over"):
+        tune(tiny_dir, lm_file, out, config, resume=True)
+    result = tune(tiny_dir, lm_file, out, config)  # without --resume it starts over, its old metrics gone
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 2 and steps.count(0) == 1 and steps.count(2) == 2  # (step 2: its loss and eval)
