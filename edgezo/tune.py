@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from edgezo import data as data_mod
-from edgezo import metrics
+from edgezo import lr_probe, metrics
 from edgezo.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, state_hash, truncate_jsonl
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel
 from edgezo.distributed import PeerLost, Replicas, make_parallel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
-from edgezo.optim import ZOOptimizer, make_optimizer
+from edgezo.optim import FIRST_ORDER, ZOOptimizer, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory
 
@@ -67,6 +67,7 @@ class TuneResult:
     eval: dict
     interrupted: bool  # stopped before `steps` (by max_time or a signal)
     stopped_by: str | None = None  # the signal's name, when a signal stopped it
+    lr_probe: dict | None = None  # lr auto, when this call probed: {"lr", "forwards", "scores": {rate: loss}}
 
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
@@ -154,6 +155,34 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _auto_lr(cfg: TuneConfig) -> bool:
+    return cfg.optim.get("lr") == lr_probe.AUTO and cfg.optimizer != FIRST_ORDER
+
+
+def _optim_settings(cfg: TuneConfig) -> dict:
+    """cfg.optim for make_optimizer: a forward-only schedule spans the run's steps; lr auto starts at the
+    default (probed later; fo-lora keeps its default: it has no probe)."""
+    settings = {k: v for k, v in cfg.optim.items() if not (k == "lr" and v == lr_probe.AUTO)}
+    return settings if cfg.optimizer == FIRST_ORDER else {"horizon": cfg.steps, **settings}
+
+
+def _probe_lr(cfg: TuneConfig, task: data_mod.TaskData, opt: ZOOptimizer, loss_fn, device, log) -> dict:
+    """lr auto: edgezo/lr_probe.py picks the rate from the starting state (and sets it); logged."""
+    steps = lr_probe.PROBE_STEPS
+    batches = [{k: v.to(device) for k, v in data_mod.batch_at(task, cfg.batch_size, cfg.seed, i).items()}
+               for i in range(steps)]
+    held = {k: v.to(device) for k, v in lr_probe.held_out_batch(task, cfg.batch_size, cfg.seed, steps).items()}
+    found = lr_probe.probe_lr(opt, loss_fn, batches, held, lr_probe.candidates(cfg.optimizer, cfg.variant))
+    record = {"lr": found.lr, "forwards": found.forwards, "scores": {f"{lr:g}": s for lr, s in found.scores.items()}}
+    log({"step": 0, "forwards": found.forwards, "lr": found.lr, "lr_probe": record["scores"]})
+    return record
+
+
+def _lr(opt, step: int) -> float:
+    """The rate step `step` ran at (the schedule's, forward-only; fo-lora's is fixed)."""
+    return opt.lr_at(step) if isinstance(opt, ZOOptimizer) else opt.config.lr
+
+
 def tune(
     model: LoadedModel | str | Path,
     data: str | Path,
@@ -181,7 +210,7 @@ def tune(
     parallel = _parallel(cfg, task)
     writer = parallel is None or parallel.rank == 0  # rank 0 alone writes into `out`
     opt = make_optimizer(cfg.optimizer, delta, seed=cfg.seed, variant=cfg.variant,
-                         adapter_rank=cfg.adapter_rank, parallel=parallel, **cfg.optim)
+                         adapter_rank=cfg.adapter_rank, parallel=parallel, **_optim_settings(cfg))
     # only now, with every setting validated, may the run claim `out`
     fingerprint = _fingerprint(cfg, loaded.folder, data_path)
     claim = functools.partial(_prepare_out_dir, out, fingerprint, resume)
@@ -192,6 +221,7 @@ def tune(
     if resume and has_checkpoint:
         info = load_checkpoint(out, delta, opt)  # every rank: rank 0's checkpoint in the shared `out`
         forwards, elapsed_before = info["forwards"], info["elapsed_s"]
+        opt.config.lr = info.get("lr", opt.config.lr)  # lr auto: the probe's choice, never probed again
         if writer:
             truncate_jsonl(metrics_path, opt.state.step)
     saved_step = opt.state.step if has_checkpoint else None
@@ -206,11 +236,15 @@ def tune(
     def checkpoint() -> None:
         nonlocal saved_step
         if writer:
-            save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start})
+            save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start,
+                                              "lr": opt.config.lr})
         saved_step = opt.state.step
 
-    start, bad_steps, last_loss, last_eval, interrupted = time.time(), 0, float("nan"), {}, False
+    start, bad_steps, last_loss, last_eval, interrupted, probed = time.time(), 0, float("nan"), {}, False, None
     with PeakMemory(loaded.device) as mem, _StopFlag() as stop, _lost_peers(lambda: (opt.state.step, saved_step)):
+        if opt.state.step == 0 and _auto_lr(cfg):
+            probed = _probe_lr(cfg, task, opt, loss_fn, loaded.device, log)
+            forwards += probed["forwards"]
         if cfg.eval_every and opt.state.step == 0:  # the starting point, so every curve has its baseline
             last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
             log({"step": 0, "forwards": 0, **last_eval})
@@ -239,7 +273,7 @@ def tune(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ranks = {"world_size": parallel.world, "comm_bytes": parallel.sent - sent} if parallel else {}
                 log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.peak_bytes,
-                     "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed, **ranks})
+                     "elapsed_s": round(now, 3), "lr": _lr(opt, step - 1), "refreshed": result.refreshed, **ranks})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stopping):
                 last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
                 log({"step": step, "forwards": forwards, **last_eval})
@@ -255,4 +289,4 @@ def tune(
     delta.detach()
     if stop.raised:
         log({"step": opt.state.step, "stopped_by": stop.raised})
-    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised)
+    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised, probed)
