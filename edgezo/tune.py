@@ -168,7 +168,7 @@ def _optim_settings(cfg: TuneConfig) -> dict:
 
 def _probe_lr(cfg: TuneConfig, task: data_mod.TaskData, opt: ZOOptimizer, loss_fn, device, log) -> dict:
     """lr auto: edgezo/lr_probe.py picks the rate from the starting state (and sets it); logged."""
-    steps = lr_probe.PROBE_STEPS
+    steps = min(lr_probe.PROBE_STEPS, cfg.steps)  # (a short run is not probed for longer than it runs)
     batches = [{k: v.to(device) for k, v in data_mod.batch_at(task, cfg.batch_size, cfg.seed, i).items()}
                for i in range(steps)]
     held = {k: v.to(device) for k, v in lr_probe.held_out_batch(task, cfg.batch_size, cfg.seed, steps).items()}
