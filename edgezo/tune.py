@@ -156,7 +156,11 @@ class _StopFlag:
 
 
 def _auto_lr(cfg: TuneConfig) -> bool:
-    return cfg.optim.get("lr") == lr_probe.AUTO and cfg.optimizer != FIRST_ORDER
+    auto = cfg.optim.get("lr") == lr_probe.AUTO and cfg.optimizer != FIRST_ORDER
+    if auto and cfg.distributed == "federated":  # each rank would score the rates on its own data
+        raise EdgezoError("lr auto picks the rate on the held-out rows of one data set; with --distributed "
+                          "federated each rank has its own: pass a number with --lr")
+    return auto
 
 
 def _optim_settings(cfg: TuneConfig) -> dict:
