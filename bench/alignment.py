@@ -10,6 +10,14 @@ orthogonalization and momentum do to it. Reported per method: the mean cosine be
 the mean gradient ∇̄ (over all targets together, second half of the steps) and cos² per forward: with the best
 constant step size, the first-order loss decrease per step is proportional to cos²·‖∇̄‖²/L, so cos²/forwards
 ranks the methods by loss decrease per forward pass. The LAST line is one JSON object.
+
+    python bench/alignment.py --diagnose      # issue 15: where the plateau comes from (docs/convergence.md)
+
+--diagnose measures instead, on the same backprop gradients (ε → 0 again): (a) the estimator's noise floor,
+‖E ΔW‖ / E‖ΔW‖ of ZO-MOPI's and ZO-Muon's step at their default lr over --draws probe draws, for several N;
+(b) how much of the first-order gradient G of each Linear lies in ZO-MOPI's basis P, ‖Pᵀ G‖ / ‖G‖ against
+the random-subspace √(r/m), at the start and after --windows anchored refreshes of a ZO-MOPI run; (c) each
+decoder layer's share of the gradient's squared norm.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from edgezo import data as D  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model, resolve_folder  # noqa: E402
 from edgezo.optim import ZOMOPI, ZOMuon  # noqa: E402
-from edgezo.zo.subspace import haar_basis, orthonormalize  # noqa: E402
+from edgezo.optim import DEFAULTS  # noqa: E402
+from edgezo.zo.subspace import anchored_basis, haar_basis, orthonormalize, reproject  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,116 @@ def simulate(rule: Rule, grads: list[list[torch.Tensor]], mean: list[torch.Tenso
     return out
 
 
+# ---------------------------------------------------------------- --diagnose (issue 15)
+
+
+def _subspace_step(method, state: dict, p: torch.Tensor, grad: torch.Tensor, n_probes: int, lr: float,
+                   gen: torch.Generator) -> torch.Tensor:
+    """One ε → 0 step of a subspace method on gradient `grad` (m×n): its ΔW = P·update (lr included)."""
+    u = torch.randn(n_probes, p.shape[1], grad.shape[1], generator=gen)
+    g_hat = torch.einsum("p,prn->rn", torch.einsum("prn,rn->p", u, p.T @ grad), u) / n_probes
+    stacked = {k: v.unsqueeze(0) for k, v in state.items()}
+    step = method.update(stacked, g_hat.unsqueeze(0), lr)[0]
+    state.update({k: v[0] for k, v in stacked.items()})
+    return p @ step
+
+
+def _fresh_state(method, p: torch.Tensor, n: int, gen: torch.Generator) -> dict:
+    if not isinstance(method, ZOMOPI):
+        return {}
+    k = min(method.k, p.shape[1], n)
+    return {"momentum": torch.zeros(p.shape[1], n), "v": orthonormalize(torch.randn(n, k, generator=gen))}
+
+
+def noise_floor(method, lr: float, n_probes: int, grads: list[list[torch.Tensor]], mean: list[torch.Tensor],
+                warm: int, draws: int, seed: int = 0) -> dict:
+    """(a) ‖E ΔW‖ / E‖ΔW‖ of the step after `warm` steps on the batch gradients (a ZO-MOPI momentum in
+    steady state), the mean over `draws` independent probe streams on one basis; and cos(E ΔW, ∇̄)."""
+    bases = [haar_basis(g.shape[0], min(64, g.shape[0]), seed + i) for i, g in enumerate(mean)]
+    total = [torch.zeros_like(g) for g in mean]
+    single = 0.0
+    for d in range(draws):
+        gen = torch.Generator().manual_seed(1000 * seed + d)
+        states = [_fresh_state(method, p, g.shape[1], gen) for p, g in zip(bases, mean)]
+        for t in range(warm + 1):
+            ups = [_subspace_step(method, st, p, g, n_probes, lr, gen)
+                   for st, p, g in zip(states, bases, grads[t % len(grads)])]
+        single += float(torch.sqrt(sum((u * u).sum() for u in ups))) / draws
+        total = [a + u / draws for a, u in zip(total, ups)]
+    expected = float(torch.sqrt(sum((u * u).sum() for u in total)))
+    flat, ref = torch.cat([u.flatten() for u in total]), torch.cat([g.flatten() for g in mean])
+    # with D draws of pure noise ‖mean‖/E‖single‖ is 1/√D: the floor this ratio is read against
+    return {"single_norm": single, "mean_norm": expected, "snr": expected / single, "noise_only": draws ** -0.5,
+            "cos_mean_update_grad": float(torch.nn.functional.cosine_similarity(-flat, ref, dim=0))}
+
+
+def subspace_capture(names: list[str], grads: list[list[torch.Tensor]], mean: list[torch.Tensor], windows: int,
+                     interval: int, seed: int = 0) -> list[dict]:
+    """(b) ‖Pᵀ G‖/‖G‖ of each target's ZO-MOPI basis at the start and after each anchored refresh of an ε → 0
+    ZO-MOPI run (N=4) on the batch gradients, against √(r/m). G = the mean gradient (first-order LoRA's
+    first step direction, up to Adam's scaling)."""
+    method, gen = ZOMOPI(), torch.Generator().manual_seed(seed)
+    bases = [haar_basis(g.shape[0], min(64, g.shape[0]), seed + i) for i, g in enumerate(mean)]
+    states = [_fresh_state(method, p, g.shape[1], gen) for p, g in zip(bases, mean)]
+
+    def capture(window: int) -> dict:
+        ratios = [float((p.T @ g).norm() / g.norm()) for p, g in zip(bases, mean)]
+        random = [(p.shape[1] / g.shape[0]) ** 0.5 for p, g in zip(bases, mean)]
+        total = float(torch.sqrt(sum((p.T @ g).norm() ** 2 for p, g in zip(bases, mean)))
+                      / torch.sqrt(sum(g.norm() ** 2 for g in mean)))
+        return {"after_windows": window, "mean_ratio": sum(ratios) / len(ratios),
+                "random_expectation": sum(random) / len(random), "all_targets_ratio": total,
+                "min_ratio": min(ratios), "max_ratio": max(ratios)}
+
+    out = [capture(0)]
+    for w in range(1, windows + 1):
+        for t in range(interval):
+            for st, p, g in zip(states, bases, grads[t % len(grads)]):
+                _subspace_step(method, st, p, g, 4, 1.0, gen)
+        for i, (st, p) in enumerate(zip(states, bases)):  # the paper's refresh (ZOMOPI.refresh)
+            new = anchored_basis(p, st["momentum"], method.k, seed + 7919 * w + i)
+            st["momentum"] = reproject(new, p, st["momentum"])
+            bases[i] = new
+        out.append(capture(w))
+    return out
+
+
+def layer_shares(names: list[str], mean: list[torch.Tensor]) -> dict[int, float]:
+    """(c) each decoder layer's share of ‖∇̄‖² (its targets together)."""
+    layer, sq = re.compile(r"layers\.(\d+)\."), {}
+    for n, g in zip(names, mean):
+        i = int(layer.search(n).group(1))
+        sq[i] = sq.get(i, 0.0) + float((g * g).sum())
+    total = sum(sq.values())
+    return {i: round(v / total, 4) for i, v in sorted(sq.items())}
+
+
+def diagnose(args, names: list[str], grads: list[list[torch.Tensor]], mean: list[torch.Tensor]) -> dict:
+    shares = layer_shares(names, mean)
+    thirds = [sum(v for i, v in shares.items() if i * 3 // (max(shares) + 1) == j) for j in range(3)]
+    print("(c) share of ‖∇̄‖² by layer:", shares)
+    print(f"    lower / middle / upper third of the layers: {[round(x, 3) for x in thirds]}")
+    keep = [i for i, n in enumerate(names) if int(re.search(r"layers\.(\d+)\.", n).group(1)) % args.layer_step == 0]
+    names, mean = [names[i] for i in keep], [mean[i] for i in keep]
+    grads = [[gs[i] for i in keep] for gs in grads]
+    print(f"(a, b) on {len(names)} targets (every {args.layer_step}th layer)")
+    floor = {}
+    for name, method in (("zo-mopi", ZOMOPI()), ("zo-muon", ZOMuon())):
+        lr = DEFAULTS[name][1].lr
+        for n_probes in args.probe_counts:
+            r = noise_floor(method, lr, n_probes, grads, mean, args.warm, args.draws)
+            floor[f"{name} N={n_probes}"] = {k: round(v, 4) for k, v in r.items()}
+            print(f"(a) {name} lr {lr:g} N={n_probes}: single-step ‖ΔW‖ {r['single_norm']:.4f}, ‖mean of "
+                  f"{args.draws}‖ {r['mean_norm']:.4f}, ratio {r['snr']:.3f} (pure noise {r['noise_only']:.3f}), "
+                  f"cos(mean ΔW, −∇̄) {r['cos_mean_update_grad']:.3f}", flush=True)
+    capture = subspace_capture(names, grads, mean, args.windows, args.interval)
+    for c in capture:
+        print(f"(b) after {c['after_windows']} refreshes: ‖PᵀG‖/‖G‖ mean {c['mean_ratio']:.3f} "
+              f"(all targets {c['all_targets_ratio']:.3f}, range {c['min_ratio']:.3f}-{c['max_ratio']:.3f}), "
+              f"random √(r/m) {c['random_expectation']:.3f}", flush=True)
+    return {"layer_share": shares, "thirds": thirds, "noise_floor": floor, "subspace": capture}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="GGUF or HF folder (default: the demo SmolLM2 GGUF)")
@@ -138,8 +257,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--diagnose", action="store_true", help="issue 15's measurements instead of the rule table")
+    ap.add_argument("--draws", type=int, default=16, help="--diagnose: probe streams averaged for E ΔW")
+    ap.add_argument("--warm", type=int, default=20, help="--diagnose: steps before the measured one")
+    ap.add_argument("--probe-counts", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16],
+                    help="--diagnose: N values")
+    ap.add_argument("--windows", type=int, default=2, help="--diagnose: anchored refreshes for (b)")
+    ap.add_argument("--interval", type=int, default=20, help="--diagnose: steps per window for (b)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.diagnose:  # gradients of every layer for (c); (a) and (b) on every --layer-step-th
+        step, args.layer_step = args.layer_step, 1
+        names, grads = gradients(args)
+        args.layer_step = step
+        mean = [torch.stack(gs).mean(0) for gs in zip(*grads)]
+        print(json.dumps(diagnose(args, names, grads, mean)))
+        return
     names, grads = gradients(args)
     mean = [torch.stack(gs).mean(0) for gs in zip(*grads)]
     between = [float(torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in a]),

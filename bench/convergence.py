@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from bench.sentiment_data import build_sentiment_task  # noqa: E402
 from edgezo import data as D  # noqa: E402
+from edgezo import lr_probe  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel  # noqa: E402
 from edgezo.optim import DEFAULTS, FIRST_ORDER, FOConfig, make_optimizer  # noqa: E402
 from edgezo.plan import Settings, plan  # noqa: E402
@@ -66,7 +67,12 @@ ABLATIONS = {"zo-mopi-paper": ("zo-mopi", "paper", {"n_probes": 8}), "zo-mopi-k8
              "zo-mopi-beta0": ("zo-mopi", "paper", {"beta": 0.0}), "zo-mopi-n4": ("zo-mopi", "paper", {"n_probes": 4}),
              "zo-mopi-n16": ("zo-mopi", "paper", {"n_probes": 16}),
              "zo-mopi-attn": ("zo-mopi", "paper", {"targets": r"(^|\.)layers\.\d+\.self_attn\."}),
-             "zo-mopi-eps1e-2": ("zo-mopi", "paper", {"eps": 1e-2})}
+             "zo-mopi-eps1e-2": ("zo-mopi", "paper", {"eps": 1e-2}),
+             # issue 15's features: the adaptive step, and a cosine decay over the run's steps (edgezo/optim/schedule.py)
+             "zo-mopi-adaptive": ("zo-mopi", "paper", {"adaptive": True}),
+             "zo-mopi-cosine": ("zo-mopi", "paper", {"schedule": "cosine"}),
+             "zo-mopi-adaptive-cosine": ("zo-mopi", "paper", {"adaptive": True, "schedule": "cosine"}),
+             "zo-muon-cosine": ("zo-muon", "paper", {"schedule": "cosine"})}
 ALL = METHODS | ABLATIONS
 LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in ALL}
 LR_GRID["fo-lora"] = (3e-4, 1e-3, 3e-3)  # Adam on LoRA pairs
@@ -99,6 +105,7 @@ class Bench:
     loss_fn: D.LossFn
     batch_size: int
     eval_bs: int
+    lr_auto: bool = False  # each forward-only run picks its lr with edgezo/lr_probe.py (its forwards in the budget)
 
 
 _BENCH: Bench | None = None  # this worker's model and data
@@ -119,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, help="seeds per method at its lr, and for FO (3)")
     p.add_argument("--sweep-forwards", type=int, help="budget per sweep run; 0: no sweep, the library's default lr (600)")
     p.add_argument("--sweep-examples", type=int, default=200, help="validation subset for the sweep")
+    p.add_argument("--lr-auto", action="store_true", help="no sweep: each forward-only run picks its lr as "
+                   "`edgezo tune --lr auto` does, the probe's forwards spent from its budget")
     p.add_argument("--batch-size", type=int, help="examples per batch, 2 rows each (16)")
     p.add_argument("--max-length", type=int, help="tokens per row (128)")
     p.add_argument("--template", type=D.typed_template,
@@ -138,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or (str(Path(tempfile.mkdtemp(prefix="edgezo-convergence-")) / "convergence.png")
                             if args.quick else "docs/runs/convergence.png")
     args.template = args.template or DATASETS[args.dataset][1]
+    if args.lr_auto:
+        args.sweep_forwards = 0
     args.workers = args.workers or (6 if torch.device(args.device).type == "cuda" else 1)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := [m for m in args.methods if m not in ALL]:
@@ -161,7 +172,7 @@ def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
     test = task("test", args.eval_examples)
     val = task("validation", args.sweep_examples) if args.sweep_forwards else test
     eval_bs = 64 if loaded.device.type == "cuda" else 16
-    _BENCH = Bench(loaded.model, loaded.device, test, val, D.make_loss(test), args.batch_size, eval_bs)
+    _BENCH = Bench(loaded.model, loaded.device, test, val, D.make_loss(test), args.batch_size, eval_bs, args.lr_auto)
 
 
 def work(job: tuple, t0: float, deadline: float, expected: float) -> dict:
@@ -220,6 +231,8 @@ def attach(b: Bench, method: str, seed: int, lr: float, **extra):
     """A DeltaModel on the shared base and `method`'s optimizer over it (detach it when done)."""
     name, variant, settings = ALL[method]
     settings = settings | extra
+    if name != FIRST_ORDER:  # (a decaying schedule needs the run's length: run_zo gives it; memory: any)
+        settings.setdefault("horizon", 10**6)
     delta = DeltaModel.attach(b.model, settings.pop("targets", DEFAULT_TARGETS))
     try:
         return delta, make_optimizer(name, delta, seed=seed, variant=variant, lr=lr, adapter_rank=ADAPTER_RANK,
@@ -232,12 +245,18 @@ def attach(b: Bench, method: str, seed: int, lr: float, **extra):
 def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int, split: str,
            deadline: float = math.inf) -> dict:
     """Accuracy and loss on the split's eval examples at each grid point (NaN after a divergence or the deadline)."""
-    task = b.test if split == "test" else b.val
-    delta, opt = attach(b, method, seed, lr)
+    task, zo = b.test if split == "test" else b.val, name_of(method) != FIRST_ORDER
+    delta, opt = attach(b, method, seed, lr, **({"horizon": zo_steps(method, budget)} if zo else {}))
     accs, losses, forwards, bad = [], [], 0, 0
     try:
-        per_step = (opt.config.forwards_per_step if name_of(method) == FIRST_ORDER  # forward, recompute, backward
+        per_step = (opt.config.forwards_per_step if not zo  # forward, recompute, backward
                     else len(estimators.slices(opt.config.n_probes, opt.config.two_sided)))
+        if zo and b.lr_auto:  # as tune does: a probe from the starting state, its forwards spent
+            found = lr_probe.probe_lr(opt, b.loss_fn, [batch(b, task, seed, i) for i in range(lr_probe.PROBE_STEPS)],
+                                      {k: v.to(b.device) for k, v in lr_probe.held_out_batch(
+                                          task, b.batch_size, seed, lr_probe.PROBE_STEPS).items()},
+                                      [lr * m for m in lr_probe.GRID])
+            forwards, lr = found.forwards, found.lr
         for point in grid(budget, every):
             if time.time() > deadline:  # out of time: the rest of the curve stays NaN
                 break
@@ -255,7 +274,15 @@ def run_zo(b: Bench, method: str, lr: float, seed: int, budget: int, every: int,
     finally:
         delta.detach()  # the shared base is left untouched for the next job
     pad = [math.nan] * (len(grid(budget, every)) - len(accs))
-    return {"acc": accs + pad, "loss": losses + pad, "steps": opt.state.step, "truncated": bool(pad)}
+    return {"acc": accs + pad, "loss": losses + pad, "steps": opt.state.step, "truncated": bool(pad), "lr": lr}
+
+
+def zo_steps(method: str, budget: int) -> int:
+    """The steps a forward-only run of `budget` forwards takes: a decaying schedule spans them."""
+    name, variant, settings = ALL[method]
+    config = DEFAULTS[f"{name}-released" if variant == "released" else name][1]
+    per_step = len(estimators.slices(settings.get("n_probes", config.n_probes), settings.get("two_sided", config.two_sided)))
+    return max(1, budget // per_step)
 
 
 def lora_model(b: Bench, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -448,6 +475,8 @@ def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, sa
         elif job[-1] == "test":
             res["runs"][job[1]]["curves"][str(job[3])] = r["acc"]
             res["runs"][job[1]]["seconds"][str(job[3])] = r["seconds"]
+            if args.lr_auto and name_of(job[1]) != FIRST_ORDER:  # the rate each seed's probe picked
+                res["runs"][job[1]].setdefault("probed_lr", {})[str(job[3])] = r["lr"]
             if r["truncated"]:
                 res["runs"][job[1]].setdefault("truncated", []).append(str(job[3]))
         else:

@@ -87,7 +87,15 @@ def tune(
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | mps"),
     seed: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: the optimizer's)"),
+    lr: Optional[str] = typer.Option(
+        None, help="learning rate, or auto: a short probe on held-out rows picks it from a grid around the "
+                   "optimizer's default (default: auto for the forward-only optimizers)"),
+    schedule: Optional[str] = typer.Option(
+        None, help="learning rate over the run: constant | cosine | linear, decaying to 0 at --steps (default constant)"),
+    warmup: Optional[int] = typer.Option(None, help="steps of linear learning-rate warmup (default 0)"),
+    adaptive: Optional[bool] = typer.Option(
+        None, "--adaptive/--no-adaptive", help="zo-mopi: the step's norm follows the momentum's instead of the "
+        "fixed lr·√k, shrinking as the gradient fades (default off)"),
     train_1d: Optional[bool] = typer.Option(
         None, "--train-1d/--no-train-1d", help="also train biases and norms (full-space probes; default off)"),
     lr_1d: Optional[float] = typer.Option(None, "--lr-1d", help="learning rate of biases and norms (default 1e-5)"),
@@ -117,7 +125,8 @@ def tune(
     """Fine-tune MODEL on DATA; writes a PEFT adapter, metrics.jsonl and curves.png into --out."""
     flags = {k: v for k, v in dict(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
-        device=device, seed=seed, lr=lr, train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
+        device=device, seed=seed, lr=_lr_flag(lr), schedule=schedule, warmup=warmup, adaptive=adaptive,
+        train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
         cuda_graph=cuda_graph, offload_state=offload_state, batch_size=batch_size, max_length=max_length,
         eval_every=eval_every, eval_data=eval_data, template=template, checkpoint_every=checkpoint_every,
     ).items() if v is not None}
@@ -150,6 +159,9 @@ def tune(
     if os.environ.get("RANK", "0") != "0":
         return  # rank 0 reports for all replicas
     stdout.print(f"{result.steps} steps, {result.forwards} forward passes, final loss {result.final_loss:.4f}")
+    if result.lr_probe:
+        stdout.print(f"lr auto: {result.lr_probe['lr']:g} ({result.lr_probe['forwards']} of those forwards probed "
+                     + ", ".join(f"{lr}: {score:.4f}" for lr, score in result.lr_probe["scores"].items()) + ")")
     if result.eval:
         stdout.print("held-out " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.eval.items()))
     if result.interrupted:
@@ -159,6 +171,16 @@ def tune(
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _lr_flag(lr: str | None) -> float | str | None:
+    """--lr: a number or auto."""
+    if lr is None or lr == "auto":
+        return lr
+    try:
+        return float(lr)
+    except ValueError:
+        raise EdgezoError(f"--lr {lr!r}: pass a number (e.g. 3e-2) or auto") from None
 
 
 def _join_ranks(cfg, mode: str | None, device: str) -> str:
@@ -216,7 +238,9 @@ def _tune_config(model: str, profile: str | None, flags: dict):
     if "eval_data" in flags:
         cfg.eval_data = str(flags["eval_data"])
     cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype", "cuda_graph",
-                                                               "offload_state") if k in flags}}
+                                                               "offload_state", "schedule", "warmup", "adaptive")
+                                 if k in flags}}
+    cfg.optim.setdefault("lr", "auto")  # forward-only: the probe picks it (edgezo/lr_probe.py; fo-lora: its default)
     if "lr_1d" in flags and not cfg.optim.get("train_1d"):
         raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")
     return cfg, precision, device

@@ -20,13 +20,13 @@ from typing import Callable
 
 from edgezo import checks
 from edgezo import data as data_mod
-from edgezo import metrics
+from edgezo import lr_probe, metrics
 from edgezo.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, state_hash, truncate_jsonl
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel
 from edgezo.distributed import MODES, PeerLost, Replicas, make_parallel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
-from edgezo.optim import OPTIMIZERS, ZOOptimizer, check_settings, make_optimizer
+from edgezo.optim import FIRST_ORDER, OPTIMIZERS, ZOOptimizer, check_settings, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory, usable_bytes
 
@@ -35,7 +35,7 @@ MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
 VARIANTS = ("paper", "released")
 # TuneConfig's accepted values (the optimizer's settings in `optim` are make_optimizer's to check)
 RANGES: dict[str, checks.Check] = {
-    "task": checks.one_of(data_mod.TASKS), "optimizer": checks.one_of(OPTIMIZERS),
+    "task": checks.one_of(data_mod.TASKS), "optimizer": checks.one_of(("auto",) + OPTIMIZERS),
     "variant": checks.one_of(VARIANTS), "steps": checks.at_least(1),
     "max_time": checks.optional(checks.above(0), "none (no time limit)"), "batch_size": checks.at_least(1),
     "max_length": checks.at_least(checks.MIN_LENGTH), "seed": checks.at_least(0),
@@ -78,7 +78,8 @@ class TuneConfig:
         checks.check(RANGES, dataclasses.asdict(self))
         if "adapter_rank" in self.optim:
             raise EdgezoError("adapter_rank is a TuneConfig setting: set TuneConfig.adapter_rank, not optim['adapter_rank']")
-        check_settings(self.optimizer, self.variant, **self.optim, adapter_rank=self.adapter_rank)
+        if self.optimizer != "auto":  # (auto's method is chosen, and its settings checked, once the model is loaded)
+            check_settings(self.optimizer, self.variant, **self.optim, adapter_rank=self.adapter_rank)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TuneResult:
     eval: dict
     interrupted: bool  # stopped before `steps` (by max_time or a signal)
     stopped_by: str | None = None  # the signal's name, when a signal stopped it
+    lr_probe: dict | None = None  # lr auto, when this call probed: {"lr", "forwards", "scores": {rate: loss}}
 
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
@@ -110,7 +112,8 @@ def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: boo
 
     if resume and (out / RUN_FILE).exists():
         return json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"]
-    own = set(cfg.optim) - {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
+    own = {k for k, v in cfg.optim.items() if not (k == "lr" and v == lr_probe.AUTO)}
+    own -= {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
     if own:  # an lr or a probe count means something else to each method
         raise EdgezoError(f"optimizer auto picks the method, and its settings with it; to set "
                           f"{', '.join(sorted(own))}, name the optimizer (fo-lora, zo-mopi, ...)")
@@ -203,6 +206,38 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _auto_lr(cfg: TuneConfig) -> bool:
+    auto = cfg.optim.get("lr") == lr_probe.AUTO and cfg.optimizer != FIRST_ORDER
+    if auto and cfg.distributed == "federated":  # each rank would score the rates on its own data
+        raise EdgezoError("lr auto picks the rate on the held-out rows of one data set; with --distributed "
+                          "federated each rank has its own: pass a number with --lr")
+    return auto
+
+
+def _optim_settings(cfg: TuneConfig) -> dict:
+    """cfg.optim for make_optimizer: a forward-only schedule spans the run's steps; lr auto starts at the
+    default (probed later; fo-lora keeps its default: it has no probe)."""
+    settings = {k: v for k, v in cfg.optim.items() if not (k == "lr" and v == lr_probe.AUTO)}
+    return settings if cfg.optimizer == FIRST_ORDER else {"horizon": cfg.steps, **settings}
+
+
+def _probe_lr(cfg: TuneConfig, task: data_mod.TaskData, opt: ZOOptimizer, loss_fn, device, log) -> dict:
+    """lr auto: edgezo/lr_probe.py picks the rate from the starting state (and sets it); logged."""
+    steps = min(lr_probe.PROBE_STEPS, cfg.steps)  # (a short run is not probed for longer than it runs)
+    batches = [{k: v.to(device) for k, v in data_mod.batch_at(task, cfg.batch_size, cfg.seed, i).items()}
+               for i in range(steps)]
+    held = {k: v.to(device) for k, v in lr_probe.held_out_batch(task, cfg.batch_size, cfg.seed, steps).items()}
+    found = lr_probe.probe_lr(opt, loss_fn, batches, held, lr_probe.candidates(cfg.optimizer, cfg.variant))
+    record = {"lr": found.lr, "forwards": found.forwards, "scores": {f"{lr:g}": s for lr, s in found.scores.items()}}
+    log({"step": 0, "forwards": found.forwards, "lr": found.lr, "lr_probe": record["scores"]})
+    return record
+
+
+def _lr(opt, step: int) -> float:
+    """The rate step `step` ran at (the schedule's, forward-only; fo-lora's is fixed)."""
+    return opt.lr_at(step) if isinstance(opt, ZOOptimizer) else opt.config.lr
+
+
 def tune(
     model: LoadedModel | str | Path,
     data: str | Path,
@@ -234,7 +269,7 @@ def tune(
     parallel = _parallel(cfg, task)
     writer = parallel is None or parallel.rank == 0  # rank 0 alone writes into `out`
     opt = make_optimizer(cfg.optimizer, delta, seed=cfg.seed, variant=cfg.variant,
-                         adapter_rank=cfg.adapter_rank, parallel=parallel, **cfg.optim)
+                         adapter_rank=cfg.adapter_rank, parallel=parallel, **_optim_settings(cfg))
     # only now, with every setting validated, may the run claim `out`
     fingerprint = _fingerprint(cfg, loaded.folder, data_path)
     claim = functools.partial(_prepare_out_dir, out, fingerprint, resume)
@@ -245,6 +280,7 @@ def tune(
     if resume and has_checkpoint:
         info = load_checkpoint(out, delta, opt)  # every rank: rank 0's checkpoint in the shared `out`
         forwards, elapsed_before = info["forwards"], info["elapsed_s"]
+        opt.config.lr = info.get("lr", opt.config.lr)  # lr auto: the probe's choice, never probed again
         if writer:
             truncate_jsonl(metrics_path, opt.state.step)
     saved_step = opt.state.step if has_checkpoint else None
@@ -259,11 +295,15 @@ def tune(
     def checkpoint() -> None:
         nonlocal saved_step
         if writer:
-            save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start})
+            save_checkpoint(out, delta, opt, {"forwards": forwards, "elapsed_s": elapsed_before + time.time() - start,
+                                              "lr": opt.config.lr})
         saved_step = opt.state.step
 
-    start, bad_steps, last_loss, last_eval, interrupted = time.time(), 0, float("nan"), {}, False
+    start, bad_steps, last_loss, last_eval, interrupted, probed = time.time(), 0, float("nan"), {}, False, None
     with PeakMemory(loaded.device) as mem, _StopFlag() as stop, _lost_peers(lambda: (opt.state.step, saved_step)):
+        if opt.state.step == 0 and _auto_lr(cfg):
+            probed = _probe_lr(cfg, task, opt, loss_fn, loaded.device, log)
+            forwards += probed["forwards"]
         if cfg.eval_every and opt.state.step == 0:  # the starting point, so every curve has its baseline
             last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
             log({"step": 0, "forwards": 0, **last_eval})
@@ -292,7 +332,7 @@ def tune(
             if step % cfg.log_every == 0 or step == cfg.steps:
                 ranks = {"world_size": parallel.world, "comm_bytes": parallel.sent - sent} if parallel else {}
                 log({"step": step, "loss": result.loss, "forwards": forwards, "peak_mem_bytes": mem.read(),
-                     "elapsed_s": round(now, 3), "lr": opt.config.lr, "refreshed": result.refreshed, **ranks})
+                     "elapsed_s": round(now, 3), "lr": _lr(opt, step - 1), "refreshed": result.refreshed, **ranks})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stopping):
                 last_eval = data_mod.evaluate(delta.model, task, cfg.eval_batch_size)
                 log({"step": step, "forwards": forwards, **last_eval})
@@ -308,4 +348,4 @@ def tune(
     delta.detach()
     if stop.raised:
         log({"step": opt.state.step, "stopped_by": stop.raised})
-    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised)
+    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised, probed)

@@ -153,6 +153,19 @@ def test_tune_train_1d_flags(files, tmp_path):
     ok("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged")
 
 
+def test_tune_lr_auto_is_the_default_and_schedule_flags(files, tmp_path):
+    _, model, data, _ = files
+    out = ok("tune", model, data, "--out", tmp_path / "run", "--schedule", "cosine", "--warmup", "1", "--adaptive",
+             *FAST).stdout
+    assert "lr auto:" in out  # the probe's pick and the forwards it took
+    optim = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]
+    assert optim["lr"] == "auto" and optim["schedule"] == "cosine" and optim["warmup"] == 1 and optim["adaptive"]
+    ok("tune", model, data, "--out", tmp_path / "fixed", "--lr", "1e-2", *FAST)
+    assert json.loads((tmp_path / "fixed" / "run.json").read_text())["settings"]["optim"]["lr"] == 1e-2
+    fails("tune", model, data, "--out", tmp_path / "bad", "--lr", "fast", *FAST, match="--lr 'fast'")
+    fails("tune", model, data, "--out", tmp_path / "bad2", "--schedule", "step", *FAST, match="unknown schedule")
+
+
 def test_tune_state_dtype_flag(files, tmp_path):
     _, model, data, _ = files
     ok("tune", model, data, "--out", tmp_path / "run", "--state-dtype", "bf16", *FAST)

@@ -71,8 +71,12 @@ tune(sys.argv[1], sys.argv[2], sys.argv[3], cfg, resume=len(sys.argv) > 4)
 """
 
 
-def _tune_process(tiny_dir, lm_file, out, resume=False):
-    code = _RUNNER.replace("{cfg}", repr(CONFIG))
+# lr auto (the probe runs once; its choice is in the checkpoint), a cosine schedule and the adaptive step
+AUTO = {**CONFIG, "optim": {**CONFIG["optim"], "lr": "auto", "schedule": "cosine", "warmup": 2, "adaptive": True}}
+
+
+def _tune_process(tiny_dir, lm_file, out, resume=False, config=CONFIG):
+    code = _RUNNER.replace("{cfg}", repr(config))
     args = [sys.executable, "-c", code, str(tiny_dir), str(lm_file), str(out)] + (["resume"] if resume else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -85,18 +89,19 @@ def _logged_steps(path: Path) -> int:
     return max((r["step"] for r in lines if "loss" in r), default=0)
 
 
-def test_resume_after_sigkill_gives_identical_adapter(tiny_dir, lm_file, tmp_path):
+@pytest.mark.parametrize("config", [CONFIG, AUTO], ids=["default", "auto-cosine-adaptive"])
+def test_resume_after_sigkill_gives_identical_adapter(tiny_dir, lm_file, tmp_path, config):
     reference = tmp_path / "reference"
-    assert _tune_process(tiny_dir, lm_file, reference).wait() == 0
+    assert _tune_process(tiny_dir, lm_file, reference, config=config).wait() == 0
 
     killed = tmp_path / "killed"
-    proc = _tune_process(tiny_dir, lm_file, killed)
+    proc = _tune_process(tiny_dir, lm_file, killed, config=config)
     while _logged_steps(killed / "metrics.jsonl") < 7 and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "adapter_model.safetensors").exists()  # it really died mid-run
-    assert _tune_process(tiny_dir, lm_file, killed, resume=True).wait() == 0
+    assert _tune_process(tiny_dir, lm_file, killed, resume=True, config=config).wait() == 0
 
     assert (killed / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
     ours, theirs = load_file(killed / "checkpoint.safetensors"), load_file(reference / "checkpoint.safetensors")
@@ -104,6 +109,24 @@ def test_resume_after_sigkill_gives_identical_adapter(tiny_dir, lm_file, tmp_pat
     steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == list(range(1, 13))  # records past the checkpoint were dropped, then logged again
+    records = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (killed, reference)]
+    assert [r["forwards"] for r in records[0] if "loss" in r] == [r["forwards"] for r in records[1] if "loss" in r]
+    assert [r for r in records[0] if "lr_probe" in r] == [r for r in records[1] if "lr_probe" in r]  # probed once
+
+
+def test_lr_auto_probes_counts_its_forwards_and_the_schedule_is_logged(tiny_dir, lm_file, tmp_path):
+    result = tune(tiny_dir, lm_file, tmp_path / "run", TuneConfig(**AUTO))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    probe = [r for r in records if "lr_probe" in r]
+    assert len(probe) == 1 and len(probe[0]["lr_probe"]) == 3
+    assert probe[0]["forwards"] == 3 * (10 * 5 + 1)  # 3 rates × 10 steps × 5 forwards, + 1 held-out each
+    assert result.lr_probe["lr"] == probe[0]["lr"] and result.lr_probe["forwards"] == probe[0]["forwards"]
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["forwards"] == probe[0]["forwards"] + 12 * 5 == result.forwards
+    lr = probe[0]["lr"]
+    assert [r["lr"] for r in steps[:2]] == pytest.approx([lr / 2, lr])  # warmup 2 ...
+    assert steps[-1]["lr"] < 0.05 * lr and all(a >= b for a, b in zip([s["lr"] for s in steps[1:]],
+                                                                     [s["lr"] for s in steps[2:]]))  # ... cosine
 
 
 def test_nonfinite_loss_steps_are_skipped_then_the_run_stops(tiny_dir, lm_file, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 from edgezo import offload
 from edgezo.delta import FACTORS, DeltaModel, DeltaTarget
 from edgezo.errors import EdgezoError
+from edgezo.optim import schedule
 from edgezo.optim.graphed import GraphedUpdate
 from edgezo.zo import estimators
 from edgezo.zo.probes import derive_seed, draw_workers
@@ -96,6 +97,9 @@ class ZOConfig:
     lr_1d: float = 1e-5  # their plain ZO-SGD step: MeZO's full-space lr range (docs/defaults.md), not the released 1e-7
     cuda_graph: bool = False  # zo-mopi: replay the update as one CUDA graph (edgezo/optim/graphed.py)
     offload_state: bool = False  # keep factors and method state in host memory beside a GPU (edgezo/offload.py)
+    schedule: str = "constant"  # lr over the run: constant | cosine | linear (edgezo/optim/schedule.py)
+    warmup: int = 0  # steps of linear warmup before it
+    horizon: int = 0  # steps the decay spans (tune sets it to the run's steps); unused by constant
 
 
 class ZOOptimizer:
@@ -106,6 +110,7 @@ class ZOOptimizer:
         self.delta, self.method, self.config = delta, method, config
         self.parallel = parallel  # edgezo.distributed: spreads evaluate() over the ranks of a process group
         self.state = OptimizerState(step=0, seed=seed, per_target=[{} for _ in delta.targets])
+        schedule.check(config.schedule, config.warmup, config.horizon)
         if config.train_1d and not delta.vectors:
             delta.add_vectors()
         elif delta.vectors and not config.train_1d:  # they would be probed or applied but never trained
@@ -131,6 +136,11 @@ class ZOOptimizer:
     @property
     def targets(self) -> list[DeltaTarget]:
         return self.delta.targets
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step`: the base rate times the schedule's factor (no state)."""
+        cfg = self.config
+        return cfg.lr * schedule.factor(step, cfg.schedule, cfg.warmup, cfg.horizon)
 
     def step_seed(self, step: int) -> int:
         """The key of all of a step's probes (DeltaTarget.probe_chunks derives each target's draws)."""
@@ -193,11 +203,13 @@ class ZOOptimizer:
         for each chunk of same-shape targets (_update_chunks). Advances the step."""
         # g_i/N on the targets' device once (a blocking copy per chunk would wait for the GPU each time)
         step_seed, scaled = self.step_seed(t), (g.float() / len(g)).to(self.targets[0].device, non_blocking=True)
-        if self.graphed is None or not self.graphed.replay(scaled, step_seed):
+        lr, lr_1d = self.lr_at(t), self.config.lr_1d * schedule.factor(t, self.config.schedule, self.config.warmup,
+                                                                       self.config.horizon)
+        if self.graphed is None or not self.graphed.replay(scaled, step_seed, lr):
             blocks_of = functools.partial(self._probe_blocks, step_seed, len(g))
-            self.update_matrices(self._update_chunks(), scaled, blocks_of, self.config.lr)
+            self.update_matrices(self._update_chunks(), scaled, blocks_of, lr)
         for vector in self.delta.vectors:  # the same g_i, against each 1-D parameter's own probes
-            vector.update(g, step_seed, self.config.lr_1d)
+            vector.update(g, step_seed, lr_1d)
         self.state.step = t + 1
 
     def _probe_blocks(self, step_seed: int, n_probes: int, index: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -4,7 +4,7 @@ At batch 1 on a GPU the update is bound by the host, which issues thousands of s
 a time. A replayed graph issues them all at once. Each target's probe blocks come from generators
 registered with the graph and re-seeded before each replay with the seeds an eager draw uses
 (DeltaTarget.probe_seeds), so the probes equal the forward's (bench/cuda_graph_rng.py checks this
-bitwise). g_i and the learning rate are read from device tensors refilled before each replay; the method's
+bitwise). g_i and the step's learning rate (ZOOptimizer.lr_at) are read from device tensors refilled before each replay; the method's
 other settings are fixed at capture. The graph writes into the tensors that were live at capture. A
 refresh, a fold or a loaded checkpoint replaces them, so the first step on new tensors runs eagerly (which
 also warms up cuBLAS and cuSOLVER) and the next one captures again. The graph's memory pool keeps the
@@ -57,8 +57,9 @@ class GraphedUpdate:
         self.captured_on: tuple | None = None  # data pointers of the tensors the graph writes
         self.warmed_on: tuple | None = None
 
-    def replay(self, scaled: torch.Tensor, step_seed: int) -> bool:
-        """Run this step's update by replaying the graph; False where the caller must run it eagerly."""
+    def replay(self, scaled: torch.Tensor, step_seed: int, lr: float) -> bool:
+        """Run this step's update (at rate `lr`, the schedule's) by replaying the graph; False where the
+        caller must run it eagerly."""
         written = self._written()
         if written != self.captured_on:
             if written != self.warmed_on:  # first step on these tensors: eager
@@ -70,7 +71,7 @@ class GraphedUpdate:
             for block, (_, _, seed) in enumerate(target.probe_seeds(step_seed, len(scaled), target.device)):
                 self.generators[(target.index, block)].manual_seed(seed)
         self.g.copy_(scaled)
-        self.lr.fill_(self.opt.config.lr)
+        self.lr.fill_(lr)
         with torch.cuda.device(self.g.device):
             self.graph.replay()
         return True
