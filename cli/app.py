@@ -89,7 +89,8 @@ def tune(
     seed: Optional[int] = typer.Option(None),
     lr: Optional[str] = typer.Option(
         None, help="learning rate, or auto: a short probe on held-out rows picks it from a grid around the "
-                   "optimizer's default (default: auto for the forward-only optimizers)"),
+                   "optimizer's default (default: the optimizer's own rate; on the GPU a 10-step probe picked 3x it and "
+                   "collapsed later, docs/convergence.md)"),
     schedule: Optional[str] = typer.Option(
         None, help="learning rate over the run: constant | cosine | linear, decaying to 0 at --steps (default constant)"),
     warmup: Optional[int] = typer.Option(None, help="steps of linear learning-rate warmup (default 0)"),
@@ -240,7 +241,6 @@ def _tune_config(model: str, profile: str | None, flags: dict):
     cfg.optim = {**cfg.optim, **{k: flags[k] for k in ("lr", "train_1d", "lr_1d", "state_dtype", "cuda_graph",
                                                                "offload_state", "schedule", "warmup", "adaptive")
                                  if k in flags}}
-    cfg.optim.setdefault("lr", "auto")  # forward-only: the probe picks it (edgezo/lr_probe.py; fo-lora: its default)
     if "lr_1d" in flags and not cfg.optim.get("train_1d"):
         raise EdgezoError("--lr-1d sets the learning rate of biases and norms; pass --train-1d to train them")
     return cfg, precision, device

@@ -153,10 +153,12 @@ def test_tune_train_1d_flags(files, tmp_path):
     ok("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged")
 
 
-def test_tune_lr_auto_is_the_default_and_schedule_flags(files, tmp_path):
+def test_tune_lr_auto_and_schedule_flags(files, tmp_path):
     _, model, data, _ = files
-    out = ok("tune", model, data, "--out", tmp_path / "run", "--schedule", "cosine", "--warmup", "1", "--adaptive",
-             *FAST).stdout
+    ok("tune", model, data, "--out", tmp_path / "default", *FAST)  # no --lr: the optimizer's rate, no probe
+    assert "lr" not in json.loads((tmp_path / "default" / "run.json").read_text())["settings"]["optim"]
+    out = ok("tune", model, data, "--out", tmp_path / "run", "--lr", "auto", "--schedule", "cosine", "--warmup", "1",
+             "--adaptive", *FAST).stdout
     assert "lr auto:" in out  # the probe's pick and the forwards it took
     optim = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]
     assert optim["lr"] == "auto" and optim["schedule"] == "cosine" and optim["warmup"] == 1 and optim["adaptive"]

@@ -10,7 +10,7 @@ from torch import nn
 
 from edgezo import delta as delta_module
 from edgezo.delta import DeltaModel, DeltaTarget
-from edgezo.optim import OPTIMIZERS, base, make_optimizer
+from edgezo.optim import ZO_OPTIMIZERS as OPTIMIZERS, base, make_optimizer  # (fo-lora: test_first_order.py)
 from edgezo.zo import estimators
 from edgezo.zo import probes
 from edgezo.zo.probes import gaussian

@@ -12,7 +12,7 @@ from edgezo.checkpoint import load_checkpoint, save_checkpoint
 from edgezo.delta import DeltaModel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter, load_adapter, merge_adapter
-from edgezo.optim import OPTIMIZERS, make_optimizer
+from edgezo.optim import ZO_OPTIMIZERS as OPTIMIZERS, make_optimizer  # (fo-lora trains no 1-D deltas)
 from edgezo.runtime.synthetic import save_model_dir
 from edgezo.zo import estimators
 
