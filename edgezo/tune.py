@@ -25,6 +25,7 @@ from edgezo.delta import DEFAULT_TARGETS, DeltaModel
 from edgezo.distributed import PeerLost, Replicas, make_parallel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
+from edgezo.export_gguf import export_gguf_adapter
 from edgezo.optim import ZOOptimizer, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory
@@ -67,6 +68,8 @@ class TuneResult:
     eval: dict
     interrupted: bool  # stopped before `steps` (by max_time or a signal)
     stopped_by: str | None = None  # the signal's name, when a signal stopped it
+    gguf_adapter: Path | None = None  # adapter.gguf for llama.cpp/Ollama, written when the base was a .gguf
+    gguf_skipped: str | None = None  # why a .gguf base got no adapter.gguf
 
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
@@ -152,6 +155,17 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def _export_gguf(out: Path, source: Path | None) -> tuple[Path | None, str | None]:
+    """The GGUF adapter beside the PEFT files when the base came from a .gguf; a run whose adapter
+    llama.cpp cannot hold (trained norms, a tied lm_head) keeps its PEFT adapter and says why not."""
+    if source is None:
+        return None, None
+    try:
+        return export_gguf_adapter(out, source), None
+    except EdgezoError as err:
+        return None, str(err)
 
 
 def tune(
@@ -251,8 +265,10 @@ def tune(
         checkpoint()
     if writer:
         export_adapter(delta, out, loaded.folder, max_rank=cfg.adapter_rank)
+        gguf_adapter, gguf_skipped = _export_gguf(out, loaded.source)
         metrics.plot_curves(metrics_path, out / metrics.CURVES)
     delta.detach()
     if stop.raised:
         log({"step": opt.state.step, "stopped_by": stop.raised})
-    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised)
+    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised,
+                      gguf_adapter if writer else None, gguf_skipped if writer else None)
