@@ -1,6 +1,7 @@
 """GGUF LoRA adapters for llama.cpp / Ollama: names, metadata and orientation on a tiny llama, and
 the real thing: llama.cpp (llama-cpp-python) runs the SmolLM2 GGUF with the adapter and agrees with edgezo."""
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -15,7 +16,8 @@ from edgezo.export import export_adapter
 from edgezo.export_gguf import export_gguf_adapter, permute_rows
 from edgezo.optim import make_optimizer
 from edgezo.runtime.load import find_demo_gguf, load_model
-from edgezo.runtime.synthetic import make_model
+from edgezo.runtime.synthetic import make_model, save_model_dir
+from edgezo.tune import TuneConfig, tune
 
 HEADS, KV_HEADS = 4, 2
 
@@ -106,6 +108,31 @@ def test_refuses_a_target_the_gguf_lacks(tmp_path):
     run, _ = _adapter(tmp_path, model, pattern=r"lm_head|layers\.0\.mlp")
     with pytest.raises(EdgezoError, match="target lm_head has no tensor"):
         export_gguf_adapter(run, base)
+
+
+def test_tune_from_a_gguf_writes_the_gguf_adapter_and_export_rewrites_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgezo.cli.app import app
+
+    folder = save_model_dir(tmp_path / "hf", "llama", num_key_value_heads=KV_HEADS)
+    loaded = load_model(folder)
+    base = _base_gguf(loaded.model, tmp_path / "base.gguf")
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(f"my name is ada and i live in lisbon {i}" for i in range(12)) + "\n")
+    config = TuneConfig(task="lm", steps=2, batch_size=2, max_length=16, eval_every=0, optim=dict(rank=4))
+    result = tune(dataclasses.replace(loaded, source=base), data, tmp_path / "run", config)
+    assert result.gguf_adapter == tmp_path / "run" / "adapter.gguf" and result.gguf_adapter.is_file()
+    assert gguf.GGUFReader(str(result.gguf_adapter)).fields["general.type"].contents() == "adapter"
+
+    runner = CliRunner()
+    # the run's base folder is a plain HF folder here, so `export --gguf` needs --base
+    refused = runner.invoke(app, ["export", str(tmp_path / "run"), "--gguf"])
+    assert refused.exit_code != 0 and "--base" in str(refused.output) + str(refused.exception)
+    done = runner.invoke(app, ["export", str(tmp_path / "run"), "--gguf", "--base", str(base),
+                               "--out", str(tmp_path / "again.gguf")])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "again.gguf").read_bytes() == result.gguf_adapter.read_bytes()
 
 
 # ---------------------------------------------------------------- llama.cpp itself, on the real SmolLM2
