@@ -394,9 +394,9 @@ def generate(
 def export(
     adapter: Path = typer.Argument(..., help="an `edgezo tune` --out folder"),
     merge: bool = typer.Option(False, "--merge", help="write base + adapter as one dense model folder"),
-    gguf: bool = typer.Option(False, "--gguf", help="write the adapter as a GGUF LoRA for llama.cpp --lora / Ollama ADAPTER"),
-    base: Optional[Path] = typer.Option(None, "--base", help="with --gguf: the base .gguf (default: the one the run tuned)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for the merged model; with --gguf the adapter file"),
+    gguf: bool = typer.Option(False, "--gguf", help="a GGUF LoRA adapter for llama.cpp --lora / Ollama ADAPTER"),
+    base: Optional[Path] = typer.Option(None, "--base", help="with --gguf: the base .gguf (default: the run's)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="merged model folder; with --gguf the adapter file"),
 ) -> None:
     """Merge the adapter into its base model (fp32/fp16/bf16 bases), or write it as a GGUF adapter (--gguf)."""
     if gguf:

@@ -187,8 +187,8 @@ def export_gguf_adapter(adapter_dir: str | Path, base_gguf: str | Path, out: str
         name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
         tensor = base_tensors.get(name)
         if tensor is None:  # e.g. lm_head with tied embeddings: the GGUF has no output.weight
-            raise EdgezoError(f"target {module} has no tensor in {base_gguf} (looked for {name or 'a GGUF name for it'}); "
-                              "leave it out of the targets for a GGUF adapter")
+            raise EdgezoError(f"target {module} has no tensor in {base_gguf} (looked for "
+                              f"{name or 'a GGUF name for it'}); leave it out of the targets for a GGUF adapter")
         if [int(n) for n in tensor.shape[:2]] != [a.shape[1], b.shape[0]]:  # GGUF lists ne: (in, out)
             raise EdgezoError(f"{name} in {base_gguf} is {list(tensor.shape)} but the adapter's {module} is "
                               f"{b.shape[0]}x{a.shape[1]}; pass the GGUF this run was tuned on")
