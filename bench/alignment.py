@@ -177,7 +177,7 @@ def noise_floor(method, lr: float, n_probes: int, grads: list[list[torch.Tensor]
     flat, ref = torch.cat([u.flatten() for u in total]), torch.cat([g.flatten() for g in mean])
     # with D draws of pure noise ‖mean‖/E‖single‖ is 1/√D: the floor this ratio is read against
     return {"single_norm": single, "mean_norm": expected, "snr": expected / single, "noise_only": draws ** -0.5,
-            "cos_mean_update_grad": float(torch.nn.functional.cosine_similarity(-flat, ref, dim=0))}
+            "cos_mean_update_grad": float(torch.nn.functional.cosine_similarity(flat, ref, dim=0))}  # > 0: descent
 
 
 def subspace_capture(names: list[str], grads: list[list[torch.Tensor]], mean: list[torch.Tensor], windows: int,
@@ -230,8 +230,8 @@ def diagnose(args, names: list[str], grads: list[list[torch.Tensor]], mean: list
     names, mean = [names[i] for i in keep], [mean[i] for i in keep]
     grads = [[gs[i] for i in keep] for gs in grads]
     print(f"(a, b) on {len(names)} targets (every {args.layer_step}th layer)")
-    floor = {}
-    for name, method in (("zo-mopi", ZOMOPI()), ("zo-muon", ZOMuon())):
+    floor, capture = {}, []
+    for name, method in (("zo-mopi", ZOMOPI()), ("zo-muon", ZOMuon())) if "a" in args.parts else ():
         lr = DEFAULTS[name][1].lr
         for n_probes in args.probe_counts:
             r = noise_floor(method, lr, n_probes, grads, mean, args.warm, args.draws)
@@ -239,7 +239,8 @@ def diagnose(args, names: list[str], grads: list[list[torch.Tensor]], mean: list
             print(f"(a) {name} lr {lr:g} N={n_probes}: single-step ‖ΔW‖ {r['single_norm']:.4f}, ‖mean of "
                   f"{args.draws}‖ {r['mean_norm']:.4f}, ratio {r['snr']:.3f} (pure noise {r['noise_only']:.3f}), "
                   f"cos(mean ΔW, −∇̄) {r['cos_mean_update_grad']:.3f}", flush=True)
-    capture = subspace_capture(names, grads, mean, args.windows, args.interval)
+    if "b" in args.parts:
+        capture = subspace_capture(names, grads, mean, args.windows, args.interval)
     for c in capture:
         print(f"(b) after {c['after_windows']} refreshes: ‖PᵀG‖/‖G‖ mean {c['mean_ratio']:.3f} "
               f"(all targets {c['all_targets_ratio']:.3f}, range {c['min_ratio']:.3f}-{c['max_ratio']:.3f}), "
@@ -262,6 +263,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20, help="--diagnose: steps before the measured one")
     ap.add_argument("--probe-counts", type=lambda s: [int(x) for x in s.split(",")], default=[4, 16],
                     help="--diagnose: N values")
+    ap.add_argument("--parts", default="abc", help="--diagnose: which of (a), (b) to run ((c) always)")
     ap.add_argument("--windows", type=int, default=2, help="--diagnose: anchored refreshes for (b)")
     ap.add_argument("--interval", type=int, default=20, help="--diagnose: steps per window for (b)")
     args = ap.parse_args()
