@@ -531,7 +531,8 @@ def summarize(args: argparse.Namespace, res: dict, out_png: Path, t0: float) -> 
     fo_curve = median_curve(fo_curves) or [math.nan] * len(points)
     runs = {m: list(r["curves"].values()) for m, r in res["runs"].items() if r["curves"]}
     curves = {f"{m} ({res['runs'][m]['lr']:g}, {len(cs)})": cs for m, cs in runs.items()}
-    curves[f"first-order LoRA ({FO_LR:g}, {len(fo_curves)})"] = fo_curves
+    if fo_curves:  # none when every FO job was skipped (--max-minutes): no row, not an empty one
+        curves[f"first-order LoRA ({FO_LR:g}, {len(fo_curves)})"] = fo_curves
     print_table(points, {k: median_curve(v) for k, v in curves.items()}, zs, res["first_order"]["steps"])
     meds = {m: median_curve(cs) for m, cs in runs.items()} | {"first-order": fo_curve}
     # 90% of the FO gain is the asked-for target; 50% too, since ZO may not get near FO within the budget
