@@ -80,9 +80,10 @@ LR_GRID["fo-lora"] = (3e-4, 1e-3, 3e-3)  # Adam on LoRA pairs
 # gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
 TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
 LABEL_WORDS = {"negative": " negative", "positive": " positive"}
-# The second task (docs/convergence.md, "A second task"): zero-shot 74% on the first 200 test articles, every topic
-# predicted; a gain must come from learning the topics, not from fixing a label prior.
-NEWS_TEMPLATE = "{text}\nTopic:"
+# The second task (docs/convergence.md, "A second task"): zero-shot 65.5% on the first 200 test articles (chance
+# 20%), no topic predicted more than 34% of the time: most of a gain must come from learning the topics.
+NEWS_TEMPLATE = ("Classify the news article as business, entertainment, politics, sport or tech.\n"
+                 "Article: {text}\nTopic:")
 NEWS_LABEL_WORDS = {t: " " + t for t in ("business", "entertainment", "politics", "sport", "tech")}
 # --dataset: (builder of train/validation/test.jsonl, default template, label words, plot title)
 DATASETS = {"sentiment": (build_sentiment_task, TEMPLATE, LABEL_WORDS, "tweet sentiment"),
@@ -166,7 +167,8 @@ def init_worker(args: argparse.Namespace, folder: str, data_dir: str) -> None:
 
     def task(eval_split: str, n: int) -> D.TaskData:
         t = D.load_task_data(split / "train.jsonl", loaded.tokenizer, "classify", max_length=args.max_length,
-                             label_words=DATASETS[args.dataset][2], template=args.template, eval_path=split / f"{eval_split}.jsonl")
+                             label_words=DATASETS[args.dataset][2], template=args.template,
+                             eval_path=split / f"{eval_split}.jsonl")
         return dataclasses.replace(t, eval=t.eval[:n])  # the splits are shuffled and balanced: a prefix is fair
 
     test = task("test", args.eval_examples)
@@ -564,7 +566,8 @@ def summarize(args: argparse.Namespace, res: dict, out_png: Path, t0: float) -> 
     fo_curve = median_curve(fo_curves) or [math.nan] * len(points)
     runs = {m: list(r["curves"].values()) for m, r in res["runs"].items() if r["curves"]}
     curves = {f"{m} ({res['runs'][m]['lr']:g}, {len(cs)})": cs for m, cs in runs.items()}
-    curves[f"first-order LoRA ({FO_LR:g}, {len(fo_curves)})"] = fo_curves
+    if fo_curves:  # none when every FO job was skipped (--max-minutes): no row, not an empty one
+        curves[f"first-order LoRA ({FO_LR:g}, {len(fo_curves)})"] = fo_curves
     print_table(points, {k: median_curve(v) for k, v in curves.items()}, zs, res["first_order"]["steps"])
     meds = {m: median_curve(cs) for m, cs in runs.items()} | {"first-order": fo_curve}
     # 90% of the FO gain is the asked-for target; 50% too, since ZO may not get near FO within the budget
