@@ -80,11 +80,11 @@ LR_GRID["fo-lora"] = (3e-4, 1e-3, 3e-3)  # Adam on LoRA pairs
 # gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
 TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
 LABEL_WORDS = {"negative": " negative", "positive": " positive"}
-# The second task (docs/convergence.md, "A second task"): zero-shot 65.5% on the first 200 test articles (chance
-# 20%), no topic predicted more than 34% of the time: most of a gain must come from learning the topics.
-NEWS_TEMPLATE = ("Classify the news article as business, entertainment, politics, sport or tech.\n"
-                 "Article: {text}\nTopic:")
-NEWS_LABEL_WORDS = {t: " " + t for t in ("business", "entertainment", "politics", "sport", "tech")}
+# The second task (docs/convergence.md, "A second task"): zero-shot 73.5% on the first 200 test articles (chance
+# 20%), each topic predicted 12-30% of the time: a gain must come from learning the topics, not a label prior.
+NEWS_TEMPLATE = "{text}\nThis news is about"
+NEWS_LABEL_WORDS = {"business": " business", "entertainment": " entertainment", "politics": " politics",
+                    "sport": " sports", "tech": " technology"}
 # --dataset: (builder of train/validation/test.jsonl, default template, label words, plot title)
 DATASETS = {"sentiment": (build_sentiment_task, TEMPLATE, LABEL_WORDS, "tweet sentiment"),
             "news": (build_news_task, NEWS_TEMPLATE, NEWS_LABEL_WORDS, "BBC news topic (5-way)")}
