@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
-import random
 from pathlib import Path
 
+from bench.splits import deal, write
 from edgezo.errors import EdgezoError
 
 LABELS = ("business", "entertainment", "politics", "sport", "tech")
@@ -69,9 +68,9 @@ def build_news_task(out_dir: Path | None = None, *, n_train: int = 850, n_val: i
     if min(len(v) for v in by_label.values()) < need:
         counts = {label: len(v) for label, v in by_label.items()}
         raise EdgezoError(f"only {counts} usable articles per topic, {need} needed: lower the split sizes")
-    splits = _deal(by_label, sizes, seed)
+    splits = deal(by_label, LABELS, sizes, seed, "news")
     if out_dir is not None:
-        _write(Path(out_dir), splits)
+        write(Path(out_dir), splits)
     return splits
 
 
@@ -110,26 +109,3 @@ def _headline_and_lead(path: Path) -> tuple[str, str]:
         content = raw.decode("cp1252")
     paragraphs = [" ".join(p.split()) for p in content.splitlines() if p.strip()]
     return paragraphs[0], paragraphs[1]
-
-
-def _deal(by_label: dict[str, list[str]], sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    pools = {}
-    for label in LABELS:
-        pool = list(by_label[label])
-        random.Random(f"edgezo-news:{seed}:{label}").shuffle(pool)
-        pools[label] = pool
-    splits, start = {}, 0
-    for name, n in sizes.items():  # test, validation, train
-        share = n // len(LABELS)
-        split = [{"text": t, "label": label} for label in LABELS for t in pools[label][start: start + share]]
-        random.Random(f"edgezo-news:{seed}:{name}").shuffle(split)
-        splits[name] = split
-        start += share
-    return {name: splits[name] for name in ("train", "validation", "test")}
-
-
-def _write(out_dir: Path, splits: dict[str, list[dict]]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, records in splits.items():
-        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -28,11 +28,10 @@ import csv
 import html
 import importlib.util
 import io
-import json
-import random
 import re
 from pathlib import Path
 
+from bench.splits import deal, write
 from edgezo.errors import EdgezoError
 
 LABELS = ("negative", "positive")
@@ -70,9 +69,9 @@ def build_sentiment_task(out_dir: Path | None = None, *, min_confidence: float =
     if min(len(v) for v in by_label.values()) < need:
         counts = {k: len(v) for k, v in by_label.items()}
         raise EdgezoError(f"only {counts} usable tweets per label, {need} needed: lower min_confidence or the sizes")
-    splits = _deal(by_label, sizes, seed)
+    splits = deal(by_label, LABELS, sizes, seed, "sentiment")
     if out_dir is not None:
-        _write(Path(out_dir), splits)
+        write(Path(out_dir), splits)
     return splits
 
 
@@ -100,25 +99,3 @@ def _candidates(path: Path, min_confidence: float) -> dict[str, list[str]]:
 
 def _dedup_key(text: str) -> str:
     return " ".join(_URL.sub("", _RT.sub("", text.lower())).split())
-
-
-def _deal(by_label: dict[str, list[str]], sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    pools = {}
-    for label in LABELS:
-        pool = list(by_label[label])
-        random.Random(f"edgezo-sentiment:{seed}:{label}").shuffle(pool)
-        pools[label] = pool
-    splits, start = {}, 0
-    for name, n in sizes.items():  # test, validation, train
-        split = [{"text": t, "label": label} for label in LABELS for t in pools[label][start: start + n // 2]]
-        random.Random(f"edgezo-sentiment:{seed}:{name}").shuffle(split)
-        splits[name] = split
-        start += n // 2
-    return {name: splits[name] for name in ("train", "validation", "test")}
-
-
-def _write(out_dir: Path, splits: dict[str, list[dict]]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, records in splits.items():
-        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
