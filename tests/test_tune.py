@@ -206,7 +206,7 @@ def test_where_the_step_runs_is_not_part_of_the_run(lm_file):
     ("adapter_rank", 0, "adapter_rank must be an integer ≥ 1, or none"),
     ("seed", -1, "seed must be an integer ≥ 0"),
     ("task", "chat-ish", "task must be one of classify, complete, lm, got 'chat-ish'"),
-    ("optimizer", "adam", "optimizer must be one of zo-mopi, zo-muon, lozo, mezo, fo-lora"),
+    ("optimizer", "adam", "optimizer must be one of auto, zo-mopi, zo-muon, lozo, mezo, fo-lora"),
     ("variant", "old", "variant must be one of paper, released"),
     ("distributed", "tensor", "distributed must be one of data, probe, federated, or none"),
     ("optim", {"lr": 0.0}, "zo-mopi: lr must be a number > 0, or 'auto', got 0.0"),

@@ -343,4 +343,5 @@ def load_streaming(path: str | Path, precision: str | torch.dtype = "fp32", devi
         raise EdgezoError(f"no usable tokenizer in {folder} ({type(err).__name__}); save the tokenizer there") from err
     streamer = BlockStreamer(model, reader, dev, dtype, prefetch, wrap)
     name = {v: k for k, v in STREAM_PRECISIONS.items()}.get(dtype, str(dtype))
-    return StreamedModel(model, tokenizer, folder, name, dev, streamer, resident, streamer.block_bytes)
+    return StreamedModel(model, tokenizer, folder, name, dev, streamer=streamer, resident_bytes=resident,
+                         streamed_bytes=streamer.block_bytes)
