@@ -36,7 +36,7 @@ def demo_data(name: str = "personal.jsonl") -> Path:
 DEMO_CONFIG = TuneConfig(
     task="complete", optimizer="fo-lora", steps=16, batch_size=8, max_length=64, eval_every=8,
     checkpoint_every=8, eval_data=str(demo_data("personal_heldout.jsonl")), adapter_rank=8, max_time=75.0,
-    optim=dict(lr=3e-3, rank=8),
+    optim=dict(lr=1e-2, rank=8),
 )
 
 
