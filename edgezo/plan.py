@@ -369,12 +369,22 @@ def _fo_transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     return activations, 3 * 4 * chunk + 2 * s.batch_size * scored * a.hidden * b
 
 
+# Settings only a zeroth-order run has: with any of them on, "auto" never picks fo-lora
+ZO_ONLY = ("streaming", "offload_state", "train_1d", "cuda_graph")
+
+
+def first_order_can_run(precision: str, settings: dict) -> bool:
+    """Whether fo-lora can run with these settings (a dict of Settings fields): not on quanto weights (their
+    backward is not supported here) and with none of ZO_ONLY on."""
+    return not precision.startswith("quanto") and not any(settings.get(key) for key in ZO_ONLY)
+
+
 def choose_optimizer(config, settings: Settings, budget_bytes: int) -> str:
     """"auto": fo-lora when its plan of these settings fits the budget (the planner leaves 10% of it free),
-    zo-mopi otherwise or where fo-lora cannot run (streaming, offload_state, train_1d, quanto weights)."""
-    cannot = settings.streaming or settings.offload_state or settings.train_1d or settings.precision.startswith("quanto")
-    first = dataclasses.replace(settings, optimizer=FIRST_ORDER, cuda_graph=False)
-    if not cannot and plan(config, first).peak_bytes <= 0.9 * budget_bytes:
+    zo-mopi otherwise or where fo-lora cannot run (first_order_can_run)."""
+    first = dataclasses.replace(settings, optimizer=FIRST_ORDER)
+    if first_order_can_run(settings.precision, dataclasses.asdict(settings)) \
+            and plan(config, first).peak_bytes <= 0.9 * budget_bytes:
         return FIRST_ORDER
     return "zo-mopi"
 

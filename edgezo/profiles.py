@@ -15,7 +15,7 @@ from pathlib import Path
 from edgezo import checks
 from edgezo.errors import EdgezoError
 from edgezo.optim import RANGES as OPTIM_RANGES
-from edgezo.plan import (FIRST_ORDER, FLOAT_BYTES, LOSSES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
+from edgezo.plan import (FIRST_ORDER, first_order_can_run, FLOAT_BYTES, LOSSES, OPTIMIZERS, PRIORITY, QUANT_BYTES, RUNTIME_BYTES, GiB, MemoryPlan, Settings,
                          anatomy, candidate_size, largest_fitting, load_config, plan)
 
 DEVICES = tuple(RUNTIME_BYTES)
@@ -187,9 +187,8 @@ def _resolve_first_order(profile: Profile, config, overrides: dict, budget: int,
                          runtime: int | None) -> tuple[Settings, MemoryPlan, int] | None:
     """fo-lora's settings for the profile if they fit its memory and time budgets, else None. Not for what
     fo-lora cannot do (streamed or quanto-quantized weights, state offloaded, trained biases and norms)."""
-    zo_only = ("streaming", "offload_state", "train_1d", "cuda_graph")
     fixed = {**profile.fixed, **overrides}
-    if profile.settings_precision.startswith("quanto") or any(fixed.get(key) for key in zo_only):
+    if not first_order_can_run(profile.settings_precision, fixed):
         return None
     base = Settings(**{**fixed, "optimizer": FIRST_ORDER, "device": profile.device,
                        "precision": profile.settings_precision, "loss": fixed.get("loss", "scored")})
