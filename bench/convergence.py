@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.sentiment_data import build_sentiment_task  # noqa: E402
+from bench.sentiment_data import LABEL_WORDS, TEMPLATE, build_sentiment_task  # noqa: E402
 from edgezo import data as D  # noqa: E402
 from edgezo import lr_probe  # noqa: E402
 from edgezo.delta import DEFAULT_TARGETS, DeltaModel  # noqa: E402
@@ -51,6 +51,8 @@ from edgezo.optim import DEFAULTS, FIRST_ORDER, FOConfig, make_optimizer  # noqa
 from edgezo.plan import Settings, plan  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model, resolve_folder  # noqa: E402
 from edgezo.runtime.memory import PeakMemory  # noqa: E402
+from bench.news_data import LABEL_WORDS as NEWS_LABEL_WORDS  # noqa: E402
+from bench.news_data import TEMPLATE as NEWS_TEMPLATE  # noqa: E402
 from bench.news_data import build_news_task  # noqa: E402
 from edgezo.zo import estimators  # noqa: E402
 
@@ -72,19 +74,13 @@ ABLATIONS = {"zo-mopi-paper": ("zo-mopi", "paper", {"n_probes": 8}), "zo-mopi-k8
              "zo-mopi-adaptive": ("zo-mopi", "paper", {"adaptive": True}),
              "zo-mopi-cosine": ("zo-mopi", "paper", {"schedule": "cosine"}),
              "zo-mopi-adaptive-cosine": ("zo-mopi", "paper", {"adaptive": True, "schedule": "cosine"}),
-             "zo-muon-cosine": ("zo-muon", "paper", {"schedule": "cosine"})}
+             "zo-muon-cosine": ("zo-muon", "paper", {"schedule": "cosine"}),
+             # forward-only at its memory floor: rank 16 (k 8), bf16 P/M/V, one slice per forward, a rank-16 adapter
+             "zo-mopi-lean": ("zo-mopi", "paper", {"rank": 16, "k": 8, "state_dtype": "bf16", "fuse": 1,
+                                                   "adapter_rank": 16})}
 ALL = METHODS | ABLATIONS
 LR_GRID = {m: (1e-6, 1e-5, 3e-5) if m in ("lozo", "mezo") else (3e-3, 1e-2, 3e-2) for m in ALL}
 LR_GRID["fo-lora"] = (3e-4, 1e-3, 3e-3)  # Adam on LoRA pairs
-# Zero-shot 55% on the 500 test tweets (near chance: it says "negative" too often); "Review: {text}\nSentiment:"
-# gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
-TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
-LABEL_WORDS = {"negative": " negative", "positive": " positive"}
-# The second task (docs/convergence.md, "A second task"): zero-shot 73.5% on the first 200 test articles (chance
-# 20%), each topic predicted 12-30% of the time: a gain must come from learning the topics, not a label prior.
-NEWS_TEMPLATE = "{text}\nThis news is about"
-NEWS_LABEL_WORDS = {"business": " business", "entertainment": " entertainment", "politics": " politics",
-                    "sport": " sports", "tech": " technology"}
 # --dataset: (builder of train/validation/test.jsonl, default template, label words, plot title)
 DATASETS = {"sentiment": (build_sentiment_task, TEMPLATE, LABEL_WORDS, "tweet sentiment"),
             "news": (build_news_task, NEWS_TEMPLATE, NEWS_LABEL_WORDS, "BBC news topic (5-way)")}
@@ -237,8 +233,8 @@ def attach(b: Bench, method: str, seed: int, lr: float, **extra):
         settings.setdefault("horizon", 10**6)
     delta = DeltaModel.attach(b.model, settings.pop("targets", DEFAULT_TARGETS))
     try:
-        return delta, make_optimizer(name, delta, seed=seed, variant=variant, lr=lr, adapter_rank=ADAPTER_RANK,
-                                     **settings)
+        return delta, make_optimizer(name, delta, seed=seed, variant=variant, lr=lr,
+                                     adapter_rank=settings.pop("adapter_rank", ADAPTER_RANK), **settings)
     except BaseException:
         delta.detach()
         raise
@@ -392,14 +388,13 @@ class Sweep:
         return True
 
 
-def priority(job: tuple) -> float:
-    """Lower first: memory, zero-shot, FO seed 0 (it sets the target), METHODS in order, FO's other seeds after
-    mezo: a run cut short by --max-minutes still has the headline comparisons."""
-    order = list(ALL)
+def priority(job: tuple, methods: list[str]) -> float:
+    """Lower first: memory, zero-shot, FO seed 0 (it sets the target), --methods in their order, FO's other seeds
+    after the first method: a run cut short by --max-minutes still has the headline comparisons."""
     if job[0] == "zo":
-        return 3 + order.index(job[1])
+        return 3 + methods.index(job[1])
     if job[0] == "fo":
-        return 2 if job[1] == 0 else 3.5 + order.index("mezo")
+        return 2 if job[1] == 0 else 3.5
     return {"mem": 0, "zs": 1}[job[0]]
 
 
@@ -421,7 +416,7 @@ def schedule(args: argparse.Namespace, folder: str, data_dir: str, res: dict, sa
     memory_sent, arrival, fo_done = False, itertools.count(), res["first_order"]["curves"]
 
     def submit(*job) -> None:
-        heapq.heappush(ready, (priority(job), next(arrival), job))
+        heapq.heappush(ready, (priority(job, args.methods), next(arrival), job))
 
     def fill() -> None:  # no more jobs in the pool than workers, so the heap decides the order
         while ready and len(pending) < args.workers:

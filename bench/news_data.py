@@ -34,6 +34,11 @@ from bench.splits import deal, write
 from edgezo.errors import EdgezoError
 
 LABELS = ("business", "entertainment", "politics", "sport", "tech")
+# The benchmark's prompt: zero-shot 73.5% on the first 200 test articles (chance 20%), each topic predicted 12-30%
+# of the time: a gain must come from learning the topics, not a label prior (docs/convergence.md, "A second task").
+TEMPLATE = "{text}\nThis news is about"
+LABEL_WORDS = {"business": " business", "entertainment": " entertainment", "politics": " politics",
+               "sport": " sports", "tech": " technology"}
 _FOLDERS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sport": "sports",
             "tech": "tech"}
 _DATA = ("bbcnews", "data")

@@ -31,9 +31,16 @@ join_gguf() {  # the third part travels with this call
 }
 case $stage in
   part)  cp .carry[ABC]/gp0* /tmp/g/ && ls -la /tmp/g && nvidia-smi --query-gpu=name,memory.used --format=csv ;;
-  steptime) # seconds per step of each method's defaults on one batch of $DATA, alone on the GPU (bench/step_time.py)
+  steptime) # seconds per step of each method's defaults on one batch of $DATA, alone on the GPU (bench/step_time.py);
+         # DATASET names its prompt, RESULTS a convergence .json on it (adds the time to its target)
          join_gguf
-         python3 bench/step_time.py --model $GGUF --device cuda --data $DATA 2>&1 | grep -v Warn | tee $OUT/step_time_${NAME}_gpu.log ;;
+         python3 bench/step_time.py --model $GGUF --device cuda --data $DATA --dataset ${DATASET:-sentiment} \
+           ${RESULTS:+--results $RESULTS} 2>&1 | grep -v Warn | tee $OUT/step_time_${NAME}_gpu.log ;;
+  chain) # chain SCRIPT: run a bash file of blocking commands in the background (GGUF, OUT=/tmp/g/out set), so
+         # the GPU never waits for the next call; `wait` follows it
+         join_gguf
+         GGUF=$GGUF OUT=/tmp/g/out setsid nohup bash "$1" > /tmp/g/out/chain.log 2>&1 < /dev/null &
+         echo $! > /tmp/g/chain.pid; sleep 30; copy_out ;;
   start) # start ARGS...: ARGS go to bench/convergence.py
          join_gguf
          cp .carry3/prev/$NAME.json /tmp/g/out/$NAME.json 2>/dev/null

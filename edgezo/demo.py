@@ -30,13 +30,15 @@ def demo_data(name: str = "personal.jsonl") -> Path:
     return Path(str(importlib.resources.files("edgezo.demo_data") / name))
 
 
-# The planner's choice for this model on a laptop: fo-lora fits at inference-level memory (edgezo plan),
-# and learns a dozen facts in ~12 steps, where 2,000 forwards of zeroth-order tuning do not (README).
-# max_time keeps the demo short whatever the machine (the loop stops cleanly, evaluates, writes the adapter).
+# The planner's choice for this model on a laptop: fo-lora fits at inference-level memory (edgezo plan). On 2
+# cores, 8 steps of 8 chats (each fact seen ~3 times) at Adam 5e-3 took 39 s and put all 11 held-out facts
+# above 74%; lr 1e-2 left 5 facts near 0% and 2e-2 diverged. Without recomputation a step is 3 forward-equivalents
+# instead of 4: this model's activations for 8 short chats are a few MB. max_time keeps the demo short whatever
+# the machine (the loop stops cleanly, evaluates, writes the adapter).
 DEMO_CONFIG = TuneConfig(
-    task="complete", optimizer="fo-lora", steps=16, batch_size=8, max_length=64, eval_every=8,
+    task="complete", optimizer="fo-lora", steps=8, batch_size=8, max_length=64, eval_every=8,
     checkpoint_every=8, eval_data=str(demo_data("personal_heldout.jsonl")), adapter_rank=8, max_time=75.0,
-    optim=dict(lr=1e-2, rank=8),
+    optim=dict(lr=5e-3, rank=8, recompute=False),
 )
 
 
@@ -45,16 +47,30 @@ def held_out_facts() -> list[dict]:
 
 
 @torch.no_grad()
-def fact_probability(model, tokenizer, record: dict) -> float:
-    """P(the fact | the question and the answer's words before it), e.g. P(" Biscuit" | "... Your dog is called")."""
-    completion, fact = record["completion"], record["answer"]
-    head = completion[: completion.index(fact)].rstrip()
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}], tokenize=False,
-                                         add_generation_prompt=True)
-    before, ids = data_mod._split_ids(tokenizer, chat + head, (" " if head else "") + fact, False)
-    tokens = torch.tensor([before + ids], device=model.device)
-    logp = model(input_ids=tokens).logits[0, len(before) - 1 : -1].float().log_softmax(-1)
-    return float(logp.gather(-1, tokens[0, len(before):, None]).sum().exp())
+def fact_probabilities(model, tokenizer, records: list[dict]) -> list[float]:
+    """P(each fact | its question and the answer's words before it), e.g. P(" Biscuit" | "... Your dog is
+    called"), all records in one right-padded forward (one forward per fact took 4x as long on 2 cores)."""
+    rows, spans = [], []
+    for record in records:
+        completion, fact = record["completion"], record["answer"]
+        head = completion[: completion.index(fact)].rstrip()
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)
+        before, ids = data_mod._split_ids(tokenizer, chat + head, (" " if head else "") + fact, False)
+        rows.append(before + ids)
+        spans.append((len(before), len(before) + len(ids)))
+    width = max(map(len, rows))
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
+    hidden = model.get_decoder()(input_ids=tokens, attention_mask=mask).last_hidden_state
+    head, out = model.get_output_embeddings(), []
+    for i, (start, end) in enumerate(spans):  # the head on the fact's positions only
+        logp = head(hidden[i, start - 1: end - 1]).float().log_softmax(-1)
+        out.append(float(logp.gather(-1, tokens[i, start:end, None]).sum().exp()))
+    return out
 
 
 def answer(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
@@ -82,7 +98,7 @@ def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | N
     loaded = load_model(gguf, precision="fp32")
     before = answer(loaded.model, loaded.tokenizer, PROMPT)
     facts = held_out_facts()
-    p_before = [fact_probability(loaded.model, loaded.tokenizer, f) for f in facts]
+    p_before = fact_probabilities(loaded.model, loaded.tokenizer, facts)
     result = tune(loaded, demo_data(), out, config, resume=resume, callback=callback)
     evals = [r["eval_loss"] for r in metrics.read(Path(out) / metrics.METRICS) if "eval_loss" in r]
     summary = {"prompt": PROMPT, "before": before, "eval_before": evals[0] if evals else None,
@@ -93,7 +109,8 @@ def run_demo(out: str | Path = "runs/demo", callback: Callable[[dict], None] | N
     delta = DeltaModel.attach(loaded.model)
     load_adapter(delta, out)
     summary["after"] = answer(loaded.model, loaded.tokenizer, PROMPT)
-    summary["facts"] = [{"question": f["prompt"], "answer": f["answer"], "before": pb,
-                         "after": fact_probability(loaded.model, loaded.tokenizer, f)} for f, pb in zip(facts, p_before)]
+    p_after = fact_probabilities(loaded.model, loaded.tokenizer, facts)
+    summary["facts"] = [{"question": f["prompt"], "answer": f["answer"], "before": pb, "after": pa}
+                        for f, pb, pa in zip(facts, p_before, p_after)]
     delta.detach()
     return summary

@@ -403,3 +403,16 @@ def test_bad_flags_stop_before_the_run(files, tmp_path, flags, words):
     flags = [*FAST, *flags]  # (a later flag wins)
     fails("tune", model, data, "--out", tmp_path / "run", *flags, match=words)
     assert not any((tmp_path / "run").glob("*.safetensors"))  # nothing trained
+
+
+def test_demo_scores_all_facts_in_one_padded_forward_as_one_by_one(chat_model):
+    """The batched, right-padded P(fact) equals each fact's own unpadded forward (padding must not leak in)."""
+    from edgezo.demo import fact_probabilities, held_out_facts
+    from edgezo.runtime.load import load_model
+
+    loaded = load_model(chat_model, precision="fp32")
+    facts = held_out_facts()
+    together = fact_probabilities(loaded.model, loaded.tokenizer, facts)
+    alone = [fact_probabilities(loaded.model, loaded.tokenizer, [f])[0] for f in facts]
+    assert min(alone) > 0 and len({f"{p:.3g}" for p in alone}) > 1  # the facts differ: a wrong row would show
+    assert together == pytest.approx(alone, rel=1e-4, abs=0)

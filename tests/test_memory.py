@@ -1,10 +1,12 @@
-"""edgezo.runtime.memory: sampled in-process peak and exact per-child peak (no wall-clock assumptions)."""
+"""edgezo.runtime.memory: in-process peak (kernel mark or samples) and exact per-child peak (no wall-clock assumptions)."""
 
 from __future__ import annotations
 
 import mmap
+import sys
 import time
 
+import pytest
 import torch
 
 from edgezo.runtime.memory import PeakMemory, current_rss_bytes, peak_rss_of_child
@@ -39,14 +41,42 @@ def test_peak_memory_sees_allocation_alive_at_exit():
     del x
 
 
-def test_peak_memory_sampler_sees_freed_allocation():
+def test_peak_memory_sees_freed_allocation():
     with PeakMemory("cpu") as pm:
         x = fresh_pages()
         seen = pm.samples
-        while pm.samples < seen + 2:  # wait on the sampler's progress, not on a clock
+        while not pm.exact and pm.samples < seen + 2:  # wait on the sampler's progress, not on a clock
             time.sleep(0.001)
         del x
     assert pm.delta_bytes >= 190 * MB
+
+
+def test_peak_memory_sampler_where_the_kernel_mark_cannot_be_reset(monkeypatch):
+    from edgezo.runtime import memory
+
+    monkeypatch.setattr(memory, "_reset_high_water_mark", lambda: False)
+    with PeakMemory("cpu") as pm:
+        assert not pm.exact
+        x = fresh_pages()
+        seen = pm.samples
+        while pm.samples < seen + 2:
+            time.sleep(0.001)
+        del x
+    assert pm.delta_bytes >= 190 * MB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's high-water mark is Linux's")
+def test_nested_exact_contexts_keep_the_outer_peak():
+    # the inner context resets the kernel's mark: the outer must not lose the spike before it
+    with PeakMemory("cpu") as outer:
+        assert outer.exact
+        x = fresh_pages()
+        del x
+        with PeakMemory("cpu") as inner:
+            pass
+        assert outer.read() - outer.baseline_bytes >= 190 * MB
+    assert inner.delta_bytes < 100 * MB
+    assert outer.delta_bytes >= 190 * MB
 
 
 def test_peak_rss_of_child_is_at_least_the_allocation():
