@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--dataset", choices=list(PROMPTS), default="sentiment", help="the task's prompt and label words")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method, after one warm-up step")
     p.add_argument("--results", help="bench/convergence.py's .json on this task: adds the time to its target")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)} (all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model or find_demo_gguf(), "fp32", args.device)
@@ -65,7 +66,7 @@ def main() -> None:
             loss(loaded.model, batch, 1)
             sync(loaded.device)
         rows["inference forward"] = {"s_per_step": time.perf_counter() - t, "forwards_per_step": 1}
-    for method in METHODS:
+    for method in args.methods.split(","):
         delta = DeltaModel.attach(loaded.model)
         opt = make_optimizer(method, delta, seed=0)
         times, forwards = [], 0

@@ -81,3 +81,26 @@ def test_build_sentiment_task(tmp_path):
     assert bigger["test"] == splits["test"] and bigger["validation"] == splits["validation"]
     with pytest.raises(EdgezoError, match="even"):
         sentiment.build_sentiment_task(n_train=3)
+
+
+def test_methods_run_in_the_order_given():
+    # --max-minutes cuts the tail: the methods named first (e.g. fo-lora, what `auto` picks) must be done first
+    conv = bench_module("convergence")
+    methods = ["fo-lora", "zo-mopi", "zo-muon"]
+    jobs = [("zo", "zo-muon", 0.09, 0), ("fo", 1), ("zo", "zo-mopi", 0.03, 0), ("zo", "fo-lora", 1e-3, 0),
+            ("fo", 0), ("zs",), ("mem",)]
+    order = [job[:2] for job in sorted(jobs, key=lambda job: conv.priority(job, methods))]
+    assert order == [("mem",), ("zs",), ("fo", 0), ("zo", "fo-lora"), ("fo", 1), ("zo", "zo-mopi"), ("zo", "zo-muon")]
+
+
+def test_time_to_target_from_step_times_and_a_run():
+    step_time = bench_module("step_time")
+    rows = {"inference forward": {"s_per_forward": 1.0}, "zo-mopi": {"s_per_forward": 0.5},
+            "fo-lora": {"s_per_forward": 2.0}}
+    run = {"config": {"forwards": 2000},
+           "headline": {"target": 0.9, "forwards_to_target": {"zo-mopi": None, "fo-lora": 100},
+                        "half_gain": 0.7, "forwards_to_half_gain": {"zo-mopi": 500, "fo-lora": 100}}}
+    out = step_time.time_to_target(rows, run)
+    assert out["target"]["seconds"] == {"fo-lora": 200.0} and "zo-mopi" not in out["target"]["forwards"]
+    assert out["half_gain"]["seconds"] == {"zo-mopi": 250.0, "fo-lora": 200.0}
+    assert out["half_gain"]["x_fastest"] == {"zo-mopi": 1.25, "fo-lora": 1.0}
