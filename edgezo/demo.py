@@ -31,7 +31,7 @@ def demo_data(name: str = "personal.jsonl") -> Path:
 
 
 # The planner's choice for this model on a laptop: fo-lora fits at inference-level memory (edgezo plan). On 2
-# cores, 8 steps of 8 chats (each fact seen ~3 times) at Adam 5e-3 took 39 s and put all 11 held-out facts
+# cores, 8 steps of 8 chats (each record seen 2-3 times) at Adam 5e-3 took 39 s and put all 11 held-out facts
 # above 74%; lr 1e-2 left 5 facts near 0% and 2e-2 diverged. Without recomputation a step is 3 forward-equivalents
 # instead of 4: this model's activations for 8 short chats are a few MB. max_time keeps the demo short whatever
 # the machine (the loop stops cleanly, evaluates, writes the adapter).
@@ -49,7 +49,7 @@ def held_out_facts() -> list[dict]:
 @torch.no_grad()
 def fact_probabilities(model, tokenizer, records: list[dict]) -> list[float]:
     """P(each fact | its question and the answer's words before it), e.g. P(" Biscuit" | "... Your dog is
-    called"), all records in one right-padded forward (one forward per fact took 4x as long on 2 cores)."""
+    called"), all records in one right-padded forward (one forward per fact took 3x as long on 2 cores)."""
     rows, spans = [], []
     for record in records:
         completion, fact = record["completion"], record["answer"]
