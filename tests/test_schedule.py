@@ -106,7 +106,12 @@ def test_adaptive_state_is_saved_and_resumes_bitwise():
     b = make_optimizer("zo-mopi", DeltaModel.attach(tiny()), seed=1, **kw)
     b.delta.load_state_dict(a.delta.state_dict())
     b.load_state_dict(sd)
-    for _ in range(3):
+    assert_same_steps(a, b, batch, 3)
+
+
+def assert_same_steps(a, b, batch, steps: int) -> None:
+    """Both optimizers take `steps` steps on `batch` and end with bitwise the same factors."""
+    for _ in range(steps):
         a.step(lm_loss, batch)
         b.step(lm_loss, batch)
     for x, y in zip(a.targets, b.targets):
@@ -129,11 +134,7 @@ def test_probe_picks_the_best_rate_and_restores_the_state_exactly():
         assert torch.equal(value, start[key]), key
     # the run after the probe is the run at the chosen rate from the start, bitwise
     ref = make_optimizer("zo-mopi", DeltaModel.attach(tiny()), seed=0, rank=8, k=4, lr=found.lr)
-    for _ in range(2):
-        opt.step(lm_loss, batch)
-        ref.step(lm_loss, batch)
-    for x, y in zip(opt.targets, ref.targets):
-        assert torch.equal(x.coords(), y.coords())
+    assert_same_steps(opt, ref, batch, 2)
 
 
 def test_a_rate_whose_loss_turns_non_finite_scores_inf():
