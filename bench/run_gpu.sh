@@ -18,7 +18,6 @@ if [ ! -f /tmp/g/wheels.done ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EDGEZO_CACHE=/tmp/g/cache
 GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf NAME=${NAME:-convergence} DATA=${DATA:-.carry3/sentiment}
-TEMPLATE='Tweet: {text}\nIs the sentiment of this tweet positive or negative?\nAnswer:'
 running() { for p in /tmp/g/*.pid; do kill -0 "$(cat "$p")" 2>/dev/null && return 0; done; return 1; }
 copy_out() {
   for m in /tmp/g/*/metrics.jsonl; do [ -f "$m" ] && cp "$m" /tmp/g/out/"$(basename "$(dirname "$m")")"_metrics.jsonl; done
@@ -54,6 +53,7 @@ case $stage in
   product) # product LR STEPS [NAME [TUNE FLAGS...]]: seed 0, batch 16, eval on the test split every 11 steps (~100 forwards)
          lr=$1 steps=$2 name=${3:-tune}; shift $(( $# < 3 ? $# : 3 ))
          join_gguf
+         TEMPLATE=$(python3 -c 'from bench.sentiment_data import TEMPLATE; print(TEMPLATE)')  # its one definition
          setsid nohup python3 -m edgezo tune $GGUF .carry3/sentiment/train.jsonl --task classify --optimizer zo-mopi \
            --lr "$lr" --steps "$steps" --seed 0 --batch-size 16 --max-length 128 --eval-every 11 --checkpoint-every 1000 \
            --eval-data .carry3/sentiment/test.jsonl --template "$TEMPLATE" --device cuda --out /tmp/g/$name "$@" \
