@@ -69,6 +69,9 @@ ABLATIONS = {"zo-mopi-paper": ("zo-mopi", "paper", {"n_probes": 8}), "zo-mopi-k8
              "zo-mopi-beta0": ("zo-mopi", "paper", {"beta": 0.0}), "zo-mopi-n4": ("zo-mopi", "paper", {"n_probes": 4}),
              "zo-mopi-n16": ("zo-mopi", "paper", {"n_probes": 16}),
              "zo-mopi-attn": ("zo-mopi", "paper", {"targets": r"(^|\.)layers\.\d+\.self_attn\."}),
+             # forward-only signal on half the blocks (issue 15's lead: backprop's missing gain sits in the lower ones)
+             "zo-muon-lower": ("zo-muon", "paper", {"targets": r"(^|\.)layers\.([0-9]|1[0-4])\."}),
+             "zo-muon-upper": ("zo-muon", "paper", {"targets": r"(^|\.)layers\.(1[5-9]|2\d)\."}),
              "zo-mopi-eps1e-2": ("zo-mopi", "paper", {"eps": 1e-2}),
              # issue 15's features: the adaptive step, and a cosine decay over the run's steps (edgezo/optim/schedule.py)
              "zo-mopi-adaptive": ("zo-mopi", "paper", {"adaptive": True}),
