@@ -20,7 +20,7 @@ CPU: every phase runs in a fresh spawned process (edgezo.runtime.memory.peak_rss
 loaded first (random-init weights saved once as fp32 safetensors, loaded through load_model at each
 precision), the heap is trimmed, the kernel's RSS high-water mark is reset (/proc/self/clear_refs), and
 the phase's peak is VmHWM afterwards: weights + runtime + what the phase adds (the load's own transient
-peak is reported apart). glibc's mmap threshold is pinned (edgezo.plan.pin_heap_threshold) in every
+peak is reported apart). glibc's mmap threshold is pinned (edgezo.runtime.memory.pin_heap_threshold) in every
 phase alike, so RSS follows live tensors. CUDA: one process, torch.cuda.max_memory_allocated via
 PeakMemory, reset between phases.
 
@@ -86,7 +86,7 @@ def _phase(spec: dict) -> dict:
     """CPU: one phase in this (fresh) process. peak = VmHWM after resetting it once the model is loaded."""
     C.set_threads(spec["threads"])
     if spec["pin"]:
-        from edgezo.plan import pin_heap_threshold
+        from edgezo.runtime.memory import pin_heap_threshold
 
         pin_heap_threshold()
     if spec["kind"] == "runtime":  # imports, tokenizer, meta skeleton: the runtime without weights

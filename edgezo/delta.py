@@ -191,10 +191,15 @@ class DeltaTarget:
         `out` is the base Linear's fresh output; the delta is accumulated into it in place
         (one pass over it) unless autograd needs it or it is not contiguous.
         """
+        dtype = out.dtype
+        x = x.reshape(-1, x.shape[-1]).to(dtype)
+        if out.requires_grad and self.right is None and self.dense is None and self.lora_A is not None:
+            # fo-lora's backward: out of place, so no copy of `out` and no CopySlices node in the graph
+            y = out.reshape(-1, out.shape[-1])
+            return torch.addmm(y, x @ self.lora_A.to(dtype).T, self.lora_B.to(dtype).T).view(out.shape)
         if out.requires_grad or not out.is_contiguous():
             out = out.clone(memory_format=torch.contiguous_format)
-        y, dtype = out.view(-1, out.shape[-1]), out.dtype
-        x = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = out.view(-1, out.shape[-1])
         if self.lora_A is not None and self.lora_A.shape[0] > 0:
             y.addmm_(x @ self.lora_A.to(dtype).T, self.lora_B.to(dtype).T)
         if self.right is None and self.dense is None:  # adapter only (inference with a loaded adapter)

@@ -16,15 +16,14 @@ runs today (calibrated on CPU and CUDA: `python tests/test_plan.py` prints the C
   - probes: one hooked Linear's fp32 probe block and its slices' perturbed factors.
   - update: what the update (fp32, one chunk of same-shape targets) needs beyond the forward's
     transients, which are freed by then.
-On CPU, RSS follows live tensors only once `pin_heap_threshold()` has been called.
+  - allocator: on CUDA the caching allocator's slack; on CPU what glibc's heap keeps around a fo-lora
+    backward (FO_HEAP_RETAINED), unless the run pins the heap (Settings.pin_heap, pin_heap_threshold).
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,8 +46,17 @@ GiB = 1 << 30
 # mps: an estimate. Profiles of shared-memory devices override it (runtime_gb).
 RUNTIME_BYTES = {"cpu": 363 << 20, "cuda": 700 << 20, "mps": 800 << 20}
 # The caching allocator reserves more than the live tensors: 22-33% on the H100 by default (4-19%
-# with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); CPU RSS has no such slack once pinned.
+# with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). CPU: see FO_HEAP_RETAINED.
 ALLOCATOR_SLACK = {"cpu": 0.0, "cuda": 0.3, "mps": 0.3}
+# glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed, after which a backward's
+# ~1 MiB activations come from the heap, where the autograd graph's small nodes, kept until the backward,
+# split the freed space. Per decoder block the heap keeps 3/4 of FO_BLOCK_SAVED, up to a cap (by recompute),
+# fitted on glibc 2.36 + torch 2.13 (SmolLM2-135M's shape and a 17M Llama, batch 4-16 x 64-128 tokens:
+# within 6%, bench/heap_pin.py, docs/memory.md). glibc 2.39 + torch 2.11 kept far less (64 MiB where this
+# says 536): there the plan is high. Zeroth-order steps build no graph: +3% at most. Pinned
+# (Settings.pin_heap) the heap keeps none, but every such block is a fresh mapping whose pages fault in.
+FO_HEAP_RETAINED = 0.75
+FO_HEAP_RETAINED_CAP = {True: 45 << 19, False: 30 << 20}  # bytes per block: 22.5 MiB with recompute, 30 without
 FLOAT_BYTES = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
 QUANT_BYTES = {"bnb-int8": 1.0, "quanto-int8": 1.0, "bnb-nf4": 0.5 + 4 / 64, "quanto-int4": 0.5 + 4 / 128}  # + scales
 PRECISIONS = tuple(FLOAT_BYTES) + tuple(QUANT_BYTES)
@@ -80,6 +88,7 @@ class Settings:
     lora_rank: int = FOConfig.rank  # fo-lora: R of each trained LoRA pair
     recompute: bool = True  # fo-lora: activation checkpointing per decoder block
     scored_tokens: int | None = None  # fo-lora, scored loss: positions scored per row (None: all, the worst case)
+    pin_heap: bool = False  # cpu: glibc's mmap threshold pinned (edgezo.runtime.memory.pin_heap_threshold): RSS follows the live tensors
 
     @property
     def first_order(self) -> bool:
@@ -229,6 +238,8 @@ def _validate(s: Settings) -> None:
     if s.offload_state and s.device_type != "cuda":
         raise EdgezoError(f"invalid setting: offload_state on {s.device}; it moves the state off a GPU, and "
                           f"on {s.device} the state is in host memory already")
+    if s.pin_heap and s.device_type != "cpu":
+        raise EdgezoError(f"invalid setting: pin_heap on {s.device}; it pins the CPU heap (glibc): turn it off")
     if s.offload_state and s.cuda_graph:
         raise EdgezoError("invalid setting: cuda_graph with offload_state; turn one off")
     if s.first_order and (s.streaming or s.offload_state or s.cuda_graph or s.train_1d):
@@ -338,8 +349,9 @@ def _transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
 
 # fo-lora's backward: what one decoder block saves for it, per token, in units of the compute dtype
 # (Llama-like: the norms' outputs, q/k/v and attention's output and statistics, the MLP's gate, up,
-# act(gate) and their product; the delta path's clones of the Linear outputs). Calibrated on CPU
-# (tests/test_plan.py); the plan's activations are this for one block (the one recomputed) or all.
+# act(gate) and their product). Calibrated on CPU (tests/test_plan.py; since the delta path adds LoRA
+# out of place, the 135M shape without recompute lands 4-8% below it); the plan's activations are this
+# for one block (the one recomputed) or all.
 FO_BLOCK_SAVED = {"hidden": 4.5, "kv": 2, "widest": 3}
 
 
@@ -351,14 +363,21 @@ def _fo_state(a: Anatomy, s: Settings) -> tuple[int, int, int, int]:
     return 4 * 3 * pairs, 4 * (pairs + scaled_b), 0, 0
 
 
+def _fo_block_saved(a: Anatomy, s: Settings, b: int) -> int:
+    """Bytes one decoder block saves for its backward."""
+    tokens = s.batch_size * s.seq_len
+    saved = int((FO_BLOCK_SAVED["hidden"] * a.hidden + FO_BLOCK_SAVED["kv"] * a.kv_dim
+                 + FO_BLOCK_SAVED["widest"] * (1 + a.gated) * a.widest) * tokens * b)
+    if a.eager or s.device_type == "mps":  # the attention scores and their softmax are saved too
+        saved += 2 * s.batch_size * a.heads * s.seq_len**2 * b
+    return saved
+
+
 def _fo_transients(a: Anatomy, s: Settings, b: int) -> tuple[int, int]:
     """(activations, logits) of a forward and backward: each block's input kept for its recompute (all
     blocks' saved tensors without recomputation), and the loss's logits with their gradient."""
     tokens = s.batch_size * s.seq_len
-    saved = int((FO_BLOCK_SAVED["hidden"] * a.hidden + FO_BLOCK_SAVED["kv"] * a.kv_dim
-             + FO_BLOCK_SAVED["widest"] * (1 + a.gated) * a.widest) * tokens * b)
-    if a.eager or s.device_type == "mps":  # the attention scores and their softmax are saved too
-        saved += 2 * s.batch_size * a.heads * s.seq_len**2 * b
+    saved = _fo_block_saved(a, s, b)
     kept = a.blocks * a.hidden * tokens * b  # the blocks' inputs
     activations = kept + saved + 2 * a.hidden * tokens * b if s.recompute else a.blocks * saved
     if s.loss == "full":  # logits, log-softmax and their gradient, fp32
@@ -379,14 +398,17 @@ def first_order_can_run(precision: str, settings: dict) -> bool:
     return not precision.startswith("quanto") and not any(settings.get(key) for key in ZO_ONLY)
 
 
-def choose_optimizer(config, settings: Settings, budget_bytes: int) -> str:
+def choose_optimizer(config, settings: Settings, budget_bytes: int) -> Settings:
     """"auto": fo-lora when its plan of these settings fits the budget (the planner leaves 10% of it free),
-    zo-mopi otherwise or where fo-lora cannot run (first_order_can_run)."""
+    on a CPU with the heap pinned if only that fits; zo-mopi otherwise or where fo-lora cannot run
+    (first_order_can_run)."""
     first = dataclasses.replace(settings, optimizer=FIRST_ORDER)
-    if first_order_can_run(settings.precision, dataclasses.asdict(settings)) \
-            and plan(config, first).peak_bytes <= 0.9 * budget_bytes:
-        return FIRST_ORDER
-    return "zo-mopi"
+    if first_order_can_run(settings.precision, dataclasses.asdict(settings)):
+        for pin in (False, True) if first.device_type == "cpu" else (False,):
+            chosen = dataclasses.replace(first, pin_heap=pin)
+            if plan(config, chosen).peak_bytes <= 0.9 * budget_bytes:
+                return chosen
+    return dataclasses.replace(settings, optimizer="zo-mopi")
 
 
 def plan(model, settings: Settings, budget_bytes: int | None = None, runtime_bytes: int | None = None) -> MemoryPlan:
@@ -410,6 +432,9 @@ def _plan(a: Anatomy, s: Settings, budget: int | None, runtime: int | None) -> M
              "optimizer_state": 0 if s.offload_state else state, "adapter": 0 if s.offload_state else adapter,
              "streaming_window": window}
     items["allocator"] = int(ALLOCATOR_SLACK[s.device_type] * (sum(items.values()) - items["runtime"]))
+    if s.first_order and s.device_type == "cpu" and not s.pin_heap:
+        per_block = min(FO_HEAP_RETAINED * _fo_block_saved(a, s, b), FO_HEAP_RETAINED_CAP[s.recompute])
+        items["allocator"] = int(a.blocks * per_block)
     peak = sum(items.values())
     fits = None if budget is None else peak <= budget
     host = state + adapter if s.offload_state else 0
@@ -429,7 +454,9 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
                            + (", or offload_state (the state in host memory)" if s.device_type == "cuda" else ""),
         "update": "lower rank or n_probes" if s.optimizer != "mezo" else "use zo-mopi instead of mezo",
         "runtime": "raise the memory budget (the runtime alone needs this much)",
-        "allocator": "lower batch_size or seq_len (the caching allocator's slack grows with the tensors)",
+        "allocator": ("lower batch_size or seq_len, or pin the heap (pin_heap: slower steps)"
+                      if s.device_type == "cpu" else
+                      "lower batch_size or seq_len (the caching allocator's slack grows with the tensors)"),
     }
     top = sorted(items, key=items.get, reverse=True)[:2]
     hints = "; ".join(dict.fromkeys(fixes.get(k, f"shrink {k}") for k in top))
@@ -441,8 +468,8 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
 # state_dtype comes after rank (a larger rank with bf16 state beats fp32 state at a smaller one);
 # fuse None (every slice in one forward) counts as largest: fuse only trades memory for speed.
 # offload_state prefers False in the same way (at small batches a step takes longer): the state leaves
-# the GPU only when nothing fits otherwise.
-PRIORITY = ("streaming", "offload_state", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
+# the GPU only when nothing fits otherwise; pin_heap too (its pages fault in at every step).
+PRIORITY = ("streaming", "offload_state", "pin_heap", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
 
 
 def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,
@@ -481,23 +508,9 @@ def candidate_size(key: str, value) -> float:
     by bytes for state_dtype."""
     if key == "state_dtype":
         return FLOAT_BYTES.get(value, 0)
-    return float(not value) if key in ("streaming", "offload_state") else float("inf") if value is None else value
-
-
-def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:
-    """Make RSS follow the live tensors that this model predicts (Linux/glibc; False elsewhere).
-
-    glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed, then keeps freed blocks
-    below it in the heap: RSS peaks land 10-20% above the live tensors, by amounts that vary run to
-    run. Pinned at glibc's initial 128 KiB, every block >= `nbytes` gets its own mapping, returned to
-    the OS when freed. Call once at startup, before the model is loaded.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, nbytes))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    if key in ("streaming", "offload_state", "pin_heap"):
+        return float(not value)
+    return float("inf") if value is None else value
 
 
 def tune_settings(config, **fixed) -> Settings:

@@ -192,7 +192,8 @@ def _resolve_first_order(profile: Profile, config, overrides: dict, budget: int,
         return None
     base = Settings(**{**fixed, "optimizer": FIRST_ORDER, "device": profile.device,
                        "precision": profile.settings_precision, "loss": fixed.get("loss", "scored")})
-    candidates = {k: v for k, v in profile.search.items() if k in ("seq_len", "batch_size") and k not in overrides}
+    candidates = {k: v for k, v in profile.search.items()
+                  if k in ("pin_heap", "seq_len", "batch_size") and k not in overrides}
     chosen = largest_fitting(config, budget, candidates, base, runtime,
                              lambda s: steps_in_budget(profile, config, s) >= profile.min_steps)
     if chosen is None:

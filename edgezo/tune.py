@@ -29,7 +29,7 @@ from edgezo.export import export_adapter
 from edgezo.export_gguf import export_gguf_adapter
 from edgezo.optim import FIRST_ORDER, OPTIMIZERS, ZOOptimizer, check_settings, make_optimizer
 from edgezo.runtime.load import LoadedModel, load_model
-from edgezo.runtime.memory import PeakMemory, usable_bytes
+from edgezo.runtime.memory import PeakMemory, pin_heap_threshold, usable_bytes
 
 RUN_FILE = "run.json"
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
@@ -73,6 +73,9 @@ class TuneConfig:
     template: str | None = None
     distributed: str | None = None  # "data" | "probe" | "federated" over torch.distributed's default group
     hash_every: int = 10  # distributed: steps between checks that every rank holds the same state
+    # cpu: pin glibc's heap (plan.pin_heap_threshold) for the rest of the process, so a fo-lora backward's
+    # RSS stays at its live tensors (the plan's pin_heap), at the price of slower steps
+    pin_heap: bool = False
 
     def validate(self) -> None:
         """One EdgezoError naming the first setting outside its accepted range (RANGES)."""
@@ -99,7 +102,7 @@ class TuneResult:
 
 def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
     """What must match for --resume to continue the same run (steps, max_time and the process count may change)."""
-    free = ("steps", "max_time", "distributed", "hash_every")
+    free = ("steps", "max_time", "distributed", "hash_every", "pin_heap")
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}
     # where the step runs, not what it computes (bitwise the same): a run may resume with them changed
     settings["optim"] = {k: v for k, v in settings["optim"].items() if k not in ("cuda_graph", "offload_state")}
@@ -109,12 +112,10 @@ def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
     return {"model": str(model_folder), "data": str(data_path), "data_sha256": digest, "settings": settings}
 
 
-def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: bool) -> str:
-    """The optimizer "auto" stands for: a resumed run keeps the one it started with."""
+def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: bool) -> tuple[str, bool]:
+    """(optimizer, pin_heap) that "auto" stands for: a resumed run keeps the optimizer it started with."""
     from edgezo import plan
 
-    if resume and (out / RUN_FILE).exists():
-        return json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"]
     own = {k for k, v in cfg.optim.items() if not (k == "lr" and v == lr_probe.AUTO)}
     own -= {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
     if own:  # an lr or a probe count means something else to each method
@@ -124,8 +125,15 @@ def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: boo
                              device=str(loaded.device), loss="scored", train_1d=bool(cfg.optim.get("train_1d")),
                              offload_state=bool(cfg.optim.get("offload_state")))
     if cfg.distributed:  # (fo-lora's gradients are tensors: it runs in one process)
-        return "zo-mopi"
-    return plan.choose_optimizer(loaded.model.config, settings, usable_bytes(loaded.device))
+        return "zo-mopi", cfg.pin_heap
+    chosen = plan.choose_optimizer(loaded.model.config, settings, usable_bytes(loaded.device))
+    if resume and (out / RUN_FILE).exists():
+        started = json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"]
+        # fo-lora goes on with the heap pinned once it no longer fits without
+        unpinned_fits = chosen.optimizer == plan.FIRST_ORDER and not chosen.pin_heap
+        return started, cfg.pin_heap or (started == plan.FIRST_ORDER and settings.device_type == "cpu"
+                                         and not unpinned_fits)
+    return chosen.optimizer, cfg.pin_heap or chosen.pin_heap
 
 
 def _prepare_out_dir(out: Path, fingerprint: dict, resume: bool) -> bool:
@@ -275,7 +283,12 @@ def tune(
     )
 
     if cfg.optimizer == "auto":  # first-order where it fits this device now, else ZO-MOPI (plan.choose_optimizer)
-        cfg = dataclasses.replace(cfg, optimizer=_auto_optimizer(cfg, loaded, Path(out), resume))
+        optimizer, pin_heap = _auto_optimizer(cfg, loaded, Path(out), resume)
+        cfg = dataclasses.replace(cfg, optimizer=optimizer, pin_heap=pin_heap)
+    if cfg.pin_heap:
+        if loaded.device.type != "cpu":
+            raise EdgezoError(f"pin_heap pins the CPU heap; the model is on {loaded.device}: turn it off")
+        pin_heap_threshold()
     delta = DeltaModel.attach(loaded.model, cfg.targets)
     if cfg.optim.get("offload_state") and delta.targets[0].device.type != "cuda":
         raise EdgezoError(f"offload_state moves the trainable state off a GPU; on {delta.targets[0].device.type} "

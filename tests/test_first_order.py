@@ -1,5 +1,6 @@
 """fo-lora: exact gradients through the delta path, block recomputation, exact resume, PEFT export."""
 
+import dataclasses
 import json
 
 import pytest
@@ -48,6 +49,27 @@ def test_recomputing_blocks_gives_the_same_gradients():
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     assert all("forward" not in vars(block) for block in model.model.layers)  # and the blocks theirs again
+
+
+def test_the_delta_path_under_autograd_is_lora_out_of_place():
+    torch.manual_seed(0)
+    model = tiny()
+    target = DeltaModel.attach(model).targets[0]
+    a = torch.randn(4, target.in_features, requires_grad=True)
+    b = torch.randn(target.out_features, 4, requires_grad=True)
+    x = torch.randn(6, target.in_features, requires_grad=True)
+    target.lora_A, target.lora_B = a, b
+    with torch.enable_grad():
+        out = target.module(x)
+        out.square().sum().backward()
+    got = [t.grad.clone() for t in (a, b, x)]
+    for t in (a, b, x):
+        t.grad = None
+    with torch.enable_grad():
+        reference = torch.nn.functional.linear(x, target.module.weight, target.module.bias) + (x @ a.T) @ b.T
+        reference.square().sum().backward()
+    assert torch.allclose(out, reference, atol=1e-5) and "CopySlices" not in out.grad_fn.name()
+    assert all(torch.allclose(g, t.grad, atol=1e-4, rtol=1e-4) for g, t in zip(got, (a, b, x)))
 
 
 def test_a_step_counts_four_forwards_with_recompute_three_without():
@@ -126,3 +148,25 @@ def test_auto_takes_fo_lora_where_it_fits_and_keeps_its_choice_on_resume(tmp_pat
     assert json.loads((tmp_path / "tight" / "run.json").read_text())["settings"]["optimizer"] == "zo-mopi"
     with pytest.raises(EdgezoError, match="name the optimizer"):
         tune(folder, data, tmp_path / "lr", TuneConfig(steps=1, **{**cfg, "optim": {"lr": 1e-3}}))
+
+
+def test_auto_pins_the_heap_when_fo_lora_fits_only_so(tmp_path, monkeypatch):
+    import edgezo.tune
+    from edgezo.plan import Settings, plan
+    from edgezo.runtime.synthetic import save_model_dir
+
+    folder = save_model_dir(tmp_path / "llama", "llama")
+    data = tmp_path / "notes.txt"
+    data.write_text("\n".join(f"my name is ada and i live in lisbon {i}" for i in range(20)) + "\n")
+    fo = Settings("fo-lora", batch_size=4, seq_len=24, loss="scored")
+    unpinned, pinned = (plan(folder, dataclasses.replace(fo, pin_heap=pin)).peak_bytes for pin in (False, True))
+    pins = []
+    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: pins.append(True))  # (it would stay for pytest)
+    monkeypatch.setattr(edgezo.tune, "usable_bytes", lambda device: (unpinned + pinned) / 2 / 0.9)
+    cfg = TuneConfig(task="lm", optimizer="auto", batch_size=4, max_length=24, eval_every=0, steps=1)
+    tune(folder, data, tmp_path / "run", cfg)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optimizer"] == "fo-lora"
+    assert pins == [True]
+    monkeypatch.setattr(edgezo.tune, "usable_bytes", lambda device: unpinned / 0.9)
+    tune(folder, data, tmp_path / "roomy", cfg)
+    assert pins == [True]  # the faster unpinned heap where it fits
