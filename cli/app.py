@@ -112,8 +112,8 @@ def tune(
         "and out (default off)"),
     pin_heap: Optional[bool] = typer.Option(
         None, "--pin-heap/--no-pin-heap", help="on CPU (Linux): pin glibc's heap so a fo-lora backward's memory "
-        "stays at what `edgezo plan` counts with pin_heap, at ~1.3x slower steps; auto turns it on when only "
-        "that fits (default off)"),
+        "stays at its live tensors (`edgezo plan` with pin_heap), at 1.1-2.9x slower steps; auto turns it on "
+        "when only that fits (default off)"),
     batch_size: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, help="tokens per example"),
     eval_every: Optional[int] = typer.Option(None, help="steps between held-out evaluations"),
@@ -132,7 +132,8 @@ def tune(
         steps=steps, max_time=max_time, optimizer=optimizer, variant=variant, task=task, precision=precision,
         device=device, seed=seed, lr=_lr_flag(lr), schedule=schedule, warmup=warmup, adaptive=adaptive,
         train_1d=train_1d, lr_1d=lr_1d, state_dtype=state_dtype,
-        cuda_graph=cuda_graph, offload_state=offload_state, pin_heap=pin_heap, batch_size=batch_size, max_length=max_length,
+        cuda_graph=cuda_graph, offload_state=offload_state, pin_heap=pin_heap, batch_size=batch_size,
+        max_length=max_length,
         eval_every=eval_every, eval_data=eval_data, template=template, checkpoint_every=checkpoint_every,
     ).items() if v is not None}
     if model is None and data is None:

@@ -88,7 +88,7 @@ class Settings:
     lora_rank: int = FOConfig.rank  # fo-lora: R of each trained LoRA pair
     recompute: bool = True  # fo-lora: activation checkpointing per decoder block
     scored_tokens: int | None = None  # fo-lora, scored loss: positions scored per row (None: all, the worst case)
-    pin_heap: bool = False  # cpu: glibc's mmap threshold pinned (edgezo.runtime.memory.pin_heap_threshold): RSS follows the live tensors
+    pin_heap: bool = False  # cpu: glibc's heap pinned (runtime.memory.pin_heap_threshold): RSS = live tensors
 
     @property
     def first_order(self) -> bool:
@@ -469,7 +469,8 @@ def _advice(items: dict[str, int], peak: int, budget: int | None, s: Settings) -
 # fuse None (every slice in one forward) counts as largest: fuse only trades memory for speed.
 # offload_state prefers False in the same way (at small batches a step takes longer): the state leaves
 # the GPU only when nothing fits otherwise; pin_heap too (its pages fault in at every step).
-PRIORITY = ("streaming", "offload_state", "pin_heap", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype", "fuse")
+PRIORITY = ("streaming", "offload_state", "pin_heap", "seq_len", "batch_size", "n_probes", "rank", "k", "state_dtype",
+            "fuse")
 
 
 def largest_fitting(config, budget_bytes: int, candidates: dict[str, list], base: Settings,

@@ -73,8 +73,8 @@ class TuneConfig:
     template: str | None = None
     distributed: str | None = None  # "data" | "probe" | "federated" over torch.distributed's default group
     hash_every: int = 10  # distributed: steps between checks that every rank holds the same state
-    # cpu: pin glibc's heap (plan.pin_heap_threshold) for the rest of the process, so a fo-lora backward's
-    # RSS stays at its live tensors (the plan's pin_heap), at the price of slower steps
+    # cpu: pin glibc's heap (runtime.memory.pin_heap_threshold) for the rest of the process, so a fo-lora
+    # backward's RSS stays at its live tensors (the plan's pin_heap), at the price of slower steps
     pin_heap: bool = False
 
     def validate(self) -> None:
@@ -116,24 +116,25 @@ def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: boo
     """(optimizer, pin_heap) that "auto" stands for: a resumed run keeps the optimizer it started with."""
     from edgezo import plan
 
+    started = json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"] \
+        if resume and (out / RUN_FILE).exists() else None
     own = {k for k, v in cfg.optim.items() if not (k == "lr" and v == lr_probe.AUTO)}
     own -= {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
-    if own:  # an lr or a probe count means something else to each method
+    if own and not started:  # an lr or a probe count means something else to each method
         raise EdgezoError(f"optimizer auto picks the method, and its settings with it; to set "
                           f"{', '.join(sorted(own))}, name the optimizer (fo-lora, zo-mopi, ...)")
     settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=loaded.precision,
                              device=str(loaded.device), loss="scored", train_1d=bool(cfg.optim.get("train_1d")),
                              offload_state=bool(cfg.optim.get("offload_state")))
     if cfg.distributed:  # (fo-lora's gradients are tensors: it runs in one process)
-        return "zo-mopi", cfg.pin_heap
+        return started or "zo-mopi", cfg.pin_heap
     chosen = plan.choose_optimizer(loaded.model.config, settings, usable_bytes(loaded.device))
-    if resume and (out / RUN_FILE).exists():
-        started = json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"]
-        # fo-lora goes on with the heap pinned once it no longer fits without
-        unpinned_fits = chosen.optimizer == plan.FIRST_ORDER and not chosen.pin_heap
-        return started, cfg.pin_heap or (started == plan.FIRST_ORDER and settings.device_type == "cpu"
-                                         and not unpinned_fits)
-    return chosen.optimizer, cfg.pin_heap or chosen.pin_heap
+    if started is None:
+        return chosen.optimizer, cfg.pin_heap or chosen.pin_heap
+    # fo-lora, resumed on a CPU where it no longer fits unpinned, goes on with the heap pinned
+    unpinned_fits = chosen.optimizer == plan.FIRST_ORDER and not chosen.pin_heap
+    return started, cfg.pin_heap or (started == plan.FIRST_ORDER and settings.device_type == "cpu"
+                                     and not unpinned_fits)
 
 
 def _prepare_out_dir(out: Path, fingerprint: dict, resume: bool) -> bool:

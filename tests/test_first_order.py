@@ -139,11 +139,15 @@ def test_auto_takes_fo_lora_where_it_fits_and_keeps_its_choice_on_resume(tmp_pat
     data = tmp_path / "notes.txt"
     data.write_text("\n".join(f"my name is ada and i live in lisbon {i}" for i in range(20)) + "\n")
     cfg = dict(task="lm", optimizer="auto", batch_size=4, max_length=24, eval_every=0, checkpoint_every=2)
+    pins = []
+    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: pins.append(True))  # (it would stay for pytest)
     tune(folder, data, tmp_path / "roomy", TuneConfig(steps=2, **cfg))
     assert json.loads((tmp_path / "roomy" / "run.json").read_text())["settings"]["optimizer"] == "fo-lora"
+    assert pins == []
     monkeypatch.setattr(edgezo.tune, "usable_bytes", lambda device: 1 << 20)  # 1 MiB free: nothing first-order fits
     tune(folder, data, tmp_path / "roomy", TuneConfig(steps=3, **cfg), resume=True)  # the run keeps its method
     assert json.loads((tmp_path / "roomy" / "run.json").read_text())["settings"]["optimizer"] == "fo-lora"
+    assert pins == [True]  # with its heap pinned, the smallest it can be
     tune(folder, data, tmp_path / "tight", TuneConfig(steps=1, **cfg))
     assert json.loads((tmp_path / "tight" / "run.json").read_text())["settings"]["optimizer"] == "zo-mopi"
     with pytest.raises(EdgezoError, match="name the optimizer"):

@@ -44,10 +44,10 @@ def pin_heap_threshold(nbytes: int = 128 << 10) -> bool:
     """Make RSS follow the live tensors (Linux/glibc; False elsewhere), for the rest of the process.
 
     glibc raises its mmap threshold (up to 32 MiB) as large blocks are freed, then serves blocks below it
-    from the heap, which keeps what it freed: a fo-lora backward's RSS lands 1.3-1.9x above its live
-    tensors (edgezo.plan.FO_HEAP_RETAINED), a zeroth-order step's ~3%. Pinned at glibc's initial 128 KiB,
-    every block >= `nbytes` gets its own mapping, returned to the OS when freed, whose pages fault in
-    again at each use: steps run slower (1.3x for the demo's fo-lora steps on 2 cores of a VM).
+    from the heap, which keeps what it freed: a fo-lora step's RSS peaked 1.2-1.6x above the pinned one
+    (edgezo.plan.FO_HEAP_RETAINED), a zeroth-order step's ~3%. Pinned at glibc's initial 128 KiB, every
+    block >= `nbytes` gets its own mapping, returned to the OS when freed, whose pages fault in again at
+    each use: fo-lora steps took 1.1-2.9x as long (bench/heap_pin.py, docs/memory.md).
     """
     if not sys.platform.startswith("linux"):
         return False
