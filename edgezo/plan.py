@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -404,7 +405,7 @@ def choose_optimizer(config, settings: Settings, budget_bytes: int) -> Settings:
     (first_order_can_run)."""
     first = dataclasses.replace(settings, optimizer=FIRST_ORDER)
     if first_order_can_run(settings.precision, dataclasses.asdict(settings)):
-        for pin in (False, True) if first.device_type == "cpu" else (False,):
+        for pin in (False, True) if first.device_type == "cpu" and sys.platform.startswith("linux") else (False,):
             chosen = dataclasses.replace(first, pin_heap=pin)
             if plan(config, chosen).peak_bytes <= 0.9 * budget_bytes:
                 return chosen

@@ -289,7 +289,9 @@ def tune(
     if cfg.pin_heap:
         if loaded.device.type != "cpu":
             raise EdgezoError(f"pin_heap pins the CPU heap; the model is on {loaded.device}: turn it off")
-        pin_heap_threshold()
+        if not pin_heap_threshold():
+            raise EdgezoError("pin_heap needs glibc (Linux) and this C library cannot be pinned: turn it off, "
+                              "and lower batch_size or max_length if the run does not fit without it")
     delta = DeltaModel.attach(loaded.model, cfg.targets)
     if cfg.optim.get("offload_state") and delta.targets[0].device.type != "cuda":
         raise EdgezoError(f"offload_state moves the trainable state off a GPU; on {delta.targets[0].device.type} "

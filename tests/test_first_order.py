@@ -140,7 +140,7 @@ def test_auto_takes_fo_lora_where_it_fits_and_keeps_its_choice_on_resume(tmp_pat
     data.write_text("\n".join(f"my name is ada and i live in lisbon {i}" for i in range(20)) + "\n")
     cfg = dict(task="lm", optimizer="auto", batch_size=4, max_length=24, eval_every=0, checkpoint_every=2)
     pins = []
-    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: pins.append(True))  # (it would stay for pytest)
+    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: pins.append(True) or True)  # (it would stay)
     tune(folder, data, tmp_path / "roomy", TuneConfig(steps=2, **cfg))
     assert json.loads((tmp_path / "roomy" / "run.json").read_text())["settings"]["optimizer"] == "fo-lora"
     assert pins == []
@@ -165,7 +165,7 @@ def test_auto_pins_the_heap_when_fo_lora_fits_only_so(tmp_path, monkeypatch):
     fo = Settings("fo-lora", batch_size=4, seq_len=24, loss="scored")
     unpinned, pinned = (plan(folder, dataclasses.replace(fo, pin_heap=pin)).peak_bytes for pin in (False, True))
     pins = []
-    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: pins.append(True))  # (it would stay for pytest)
+    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: pins.append(True) or True)  # (it would stay)
     monkeypatch.setattr(edgezo.tune, "usable_bytes", lambda device: (unpinned + pinned) / 2 / 0.9)
     cfg = TuneConfig(task="lm", optimizer="auto", batch_size=4, max_length=24, eval_every=0, steps=1)
     tune(folder, data, tmp_path / "run", cfg)
@@ -174,3 +174,6 @@ def test_auto_pins_the_heap_when_fo_lora_fits_only_so(tmp_path, monkeypatch):
     monkeypatch.setattr(edgezo.tune, "usable_bytes", lambda device: unpinned / 0.9)
     tune(folder, data, tmp_path / "roomy", cfg)
     assert pins == [True]  # the faster unpinned heap where it fits
+    monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: False)  # not glibc
+    with pytest.raises(EdgezoError, match="pin_heap needs glibc"):
+        tune(folder, data, tmp_path / "musl", dataclasses.replace(cfg, optimizer="fo-lora", pin_heap=True))
