@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so that `edgezo -
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -81,7 +82,7 @@ def tune(
     max_time: Optional[float] = typer.Option(None, help="stop cleanly after this many seconds"),
     optimizer: Optional[str] = typer.Option(
         None, help="zo-mopi | zo-muon | lozo | mezo (forward only) | fo-lora (first-order LoRA, recomputed blocks) | "
-                   "auto (fo-lora if it fits the free memory, else zo-mopi); default: zo-mopi, with --profile auto"),
+                   "auto (the default: fo-lora if it fits the free memory, else zo-mopi; a profile's own choice with --profile)"),
     variant: Optional[str] = typer.Option(None, help="paper | released (zo-mopi only)"),
     task: Optional[str] = typer.Option(None, help="classify | complete (prompt + completion, or chat messages) | lm"),
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
@@ -312,10 +313,14 @@ def plan(
 
         result = plan_mod.plan(model, plan_mod.tune_settings(DEMO_CONFIG, **TUNE_RUNS))
         steps = DEMO_CONFIG.steps
-    else:  # the run `edgezo tune MODEL DATA` makes
+    else:  # the run `edgezo tune MODEL DATA` makes: auto, chosen as tune chooses it, on this machine's free memory
+        from edgezo.runtime.memory import usable_bytes
         from edgezo.tune import TuneConfig
 
-        result = plan_mod.plan(model, plan_mod.tune_settings(TuneConfig(), **TUNE_RUNS))
+        config = dataclasses.replace(TuneConfig(), optimizer="zo-mopi")
+        chosen = plan_mod.choose_optimizer(model, plan_mod.tune_settings(config, **TUNE_RUNS), usable_bytes("cpu"))
+        config = dataclasses.replace(config, optimizer=chosen.optimizer)
+        result = plan_mod.plan(model, plan_mod.tune_settings(config, **TUNE_RUNS, pin_heap=chosen.pin_heap))
     if as_json:
         typer.echo(json.dumps({**result.to_json(), "steps": steps}))
         return

@@ -32,6 +32,8 @@ from edgezo.runtime.load import LoadedModel, load_model
 from edgezo.runtime.memory import PeakMemory, pin_heap_threshold, usable_bytes
 
 RUN_FILE = "run.json"
+# optim settings only zeroth-order methods have: with any of them on, "auto" is zo-mopi
+ZO_ONLY_OPTIM = ("train_1d", "lr_1d", "offload_state", "cuda_graph")
 MAX_BAD_STEPS = 3  # consecutive non-finite losses before the run stops
 VARIANTS = ("paper", "released")
 # TuneConfig's accepted values (the optimizer's settings in `optim` are make_optimizer's to check)
@@ -53,7 +55,9 @@ RANGES: dict[str, checks.Check] = {
 @dataclass
 class TuneConfig:
     task: str = "complete"
-    optimizer: str = "zo-mopi"  # or "auto": fo-lora where its plan fits this device's free memory, else zo-mopi
+    # auto: fo-lora where its plan fits this device's free memory (on a CPU with the heap pinned if only so),
+    # else zo-mopi (docs/defaults.md); or a method by name
+    optimizer: str = "auto"
     variant: str = "paper"
     steps: int = 100
     max_time: float | None = None  # seconds; the run stops cleanly (checkpoint + adapter) when reached
@@ -84,6 +88,11 @@ class TuneConfig:
             raise EdgezoError("adapter_rank is a TuneConfig setting: set TuneConfig.adapter_rank, not optim['adapter_rank']")
         if self.optimizer != "auto":  # (auto's method is chosen, and its settings checked, once the model is loaded)
             check_settings(self.optimizer, self.variant, **self.optim, adapter_rank=self.adapter_rank)
+            return
+        own = {k for k, v in self.optim.items() if not (k == "lr" and v == lr_probe.AUTO)} - set(ZO_ONLY_OPTIM)
+        if own:  # an lr or a probe count means something else to each method
+            raise EdgezoError(f"optimizer auto (the default) picks the method, and its settings with it; to set "
+                              f"{', '.join(sorted(own))}, name the optimizer (--optimizer zo-mopi, fo-lora, ...)")
 
 
 @dataclass
@@ -118,16 +127,11 @@ def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: boo
 
     started = json.loads((out / RUN_FILE).read_text())["settings"]["optimizer"] \
         if resume and (out / RUN_FILE).exists() else None
-    own = {k for k, v in cfg.optim.items() if not (k == "lr" and v == lr_probe.AUTO)}
-    own -= {"train_1d", "lr_1d", "offload_state", "cuda_graph"}  # (those make it zo-mopi)
-    if own and not started:  # an lr or a probe count means something else to each method
-        raise EdgezoError(f"optimizer auto picks the method, and its settings with it; to set "
-                          f"{', '.join(sorted(own))}, name the optimizer (fo-lora, zo-mopi, ...)")
-    settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=loaded.precision,
-                             device=str(loaded.device), loss="scored", train_1d=bool(cfg.optim.get("train_1d")),
-                             offload_state=bool(cfg.optim.get("offload_state")))
-    if cfg.distributed:  # (fo-lora's gradients are tensors: it runs in one process)
+    # fo-lora's gradients are tensors (one process); the rest are settings only zeroth-order methods have
+    if cfg.distributed or any(cfg.optim.get(key) for key in ZO_ONLY_OPTIM):
         return started or "zo-mopi", cfg.pin_heap
+    settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=loaded.precision,
+                             device=str(loaded.device), loss="scored")
     chosen = plan.choose_optimizer(loaded.model.config, settings, usable_bytes(loaded.device))
     if started is None:
         return chosen.optimizer, cfg.pin_heap or chosen.pin_heap

@@ -26,6 +26,7 @@ except ModuleNotFoundError:
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "3", "--batch-size", "2", "--max-length", "32", "--eval-every", "2", "--checkpoint-every", "2"]
+ZO = ["--optimizer", "zo-mopi"]  # (the default, auto, refuses a method's own settings)
 
 
 def run(*args) -> "CliRunner.Result":
@@ -112,7 +113,9 @@ def test_plan_json_is_one_object(files):
     _, model, _, _ = files
     out = json.loads(ok("plan", model, "--profile", "ci-2core", "--json").stdout)
     assert {"peak_bytes", "budget_bytes", "fits", "items", "settings"} <= set(out) and out["fits"] is True
-    assert json.loads(ok("plan", model, "--json").stdout)["fits"] is None  # no profile: no budget
+    no_profile = json.loads(ok("plan", model, "--json").stdout)
+    assert no_profile["fits"] is None  # no profile: no budget
+    assert no_profile["settings"]["optimizer"] == "fo-lora"  # what auto, the default, takes where it fits
     assert "fits" in ok("plan", model, "--profile", "ci-2core").stdout
 
 
@@ -158,21 +161,21 @@ def test_tune_lr_auto_and_schedule_flags(files, tmp_path):
     ok("tune", model, data, "--out", tmp_path / "default", *FAST)  # no --lr: the optimizer's rate, no probe
     assert "lr" not in json.loads((tmp_path / "default" / "run.json").read_text())["settings"]["optim"]
     out = ok("tune", model, data, "--out", tmp_path / "run", "--lr", "auto", "--schedule", "cosine", "--warmup", "1",
-             "--adaptive", *FAST).stdout
+             "--adaptive", *ZO, *FAST).stdout
     assert "lr auto:" in out  # the probe's pick and the forwards it took
     optim = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]
     assert optim["lr"] == "auto" and optim["schedule"] == "cosine" and optim["warmup"] == 1 and optim["adaptive"]
-    ok("tune", model, data, "--out", tmp_path / "fixed", "--lr", "1e-2", *FAST)
+    ok("tune", model, data, "--out", tmp_path / "fixed", "--lr", "1e-2", *ZO, *FAST)
     assert json.loads((tmp_path / "fixed" / "run.json").read_text())["settings"]["optim"]["lr"] == 1e-2
     fails("tune", model, data, "--out", tmp_path / "bad", "--lr", "fast", *FAST, match="--lr 'fast'")
-    fails("tune", model, data, "--out", tmp_path / "bad2", "--schedule", "step", *FAST, match="unknown schedule")
+    fails("tune", model, data, "--out", tmp_path / "bad2", "--schedule", "step", *ZO, *FAST, match="unknown schedule")
 
 
 def test_tune_state_dtype_flag(files, tmp_path):
     _, model, data, _ = files
-    ok("tune", model, data, "--out", tmp_path / "run", "--state-dtype", "bf16", *FAST)
+    ok("tune", model, data, "--out", tmp_path / "run", "--state-dtype", "bf16", *ZO, *FAST)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["optim"]["state_dtype"] == "bf16"
-    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *FAST,
+    fails("tune", model, data, "--out", tmp_path / "bad", "--state-dtype", "int8", *ZO, *FAST,
           match="state_dtype must be one of fp32, fp16, bf16, got 'int8'")
 
 
@@ -393,9 +396,10 @@ def test_plan_without_model_plans_the_demo_run(chat_model, monkeypatch):
     (["--checkpoint-every", "0"], "checkpoint_every must be an integer ≥ 1, got 0"),
     (["--task", "chat"], "task must be one of classify, complete, lm, got 'chat'"),
     (["--optimizer", "adam"], "optimizer must be one of"),
-    (["--lr", "0"], "lr must be a number > 0, or 'auto', got 0.0"),
+    (["--lr", "0", *ZO], "lr must be a number > 0, or 'auto', got 0.0"),
+    (["--lr", "1e-3"], "optimizer auto (the default) picks the method, and its settings with it; to set lr"),
     (["--lr", "-1e-3", "--optimizer", "fo-lora"], "lr must be a number > 0, or 'auto', got -0.001"),
-    (["--state-dtype", "int8"], "state_dtype must be one of"),
+    (["--state-dtype", "int8", *ZO], "state_dtype must be one of"),
     (["--resume"], "holds no run to resume: drop --resume to start a new run there"),
 ])
 def test_bad_flags_stop_before_the_run(files, tmp_path, flags, words):

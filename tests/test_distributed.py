@@ -125,7 +125,7 @@ from edgezo.errors import EdgezoError
 from edgezo.tune import TuneConfig, tune
 init_from_env(timeout_s=30)
 model, data, out, steps, resume = sys.argv[1:6]
-cfg = TuneConfig(task="lm", steps=int(steps), batch_size=4, max_length=16, checkpoint_every=2, eval_every=0,
+cfg = TuneConfig(optimizer="zo-mopi", task="lm", steps=int(steps), batch_size=4, max_length=16, checkpoint_every=2, eval_every=0,
                  adapter_rank=8, optim=dict(rank=8, k=4), distributed="data", hash_every=3)
 try:
     tune(model, data, out, cfg, resume=resume == "1")

@@ -120,7 +120,8 @@ def test_tune_from_a_gguf_writes_the_gguf_adapter_and_export_rewrites_it(tmp_pat
     base = _base_gguf(loaded.model, tmp_path / "base.gguf")
     data = tmp_path / "notes.txt"
     data.write_text("\n".join(f"my name is ada and i live in lisbon {i}" for i in range(12)) + "\n")
-    config = TuneConfig(task="lm", steps=2, batch_size=2, max_length=16, eval_every=0, optim=dict(rank=4))
+    config = TuneConfig(optimizer="zo-mopi", task="lm", steps=2, batch_size=2, max_length=16, eval_every=0,
+                        optim=dict(rank=4))
     result = tune(dataclasses.replace(loaded, source=base), data, tmp_path / "run", config)
     assert result.gguf_adapter == tmp_path / "run" / "adapter.gguf" and result.gguf_adapter.is_file()
     assert gguf.GGUFReader(str(result.gguf_adapter)).fields["general.type"].contents() == "adapter"

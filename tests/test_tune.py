@@ -22,7 +22,7 @@ from edgezo.runtime.synthetic import save_model_dir
 from edgezo.tune import TuneConfig, tune
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = dict(task="lm", steps=12, batch_size=4, max_length=24, eval_every=4, checkpoint_every=2,
+CONFIG = dict(optimizer="zo-mopi", task="lm", steps=12, batch_size=4, max_length=24, eval_every=4, checkpoint_every=2,
               optim=dict(rank=8, k=4, n_probes=4, interval=5))
 
 
@@ -227,7 +227,8 @@ def test_where_the_step_runs_is_not_part_of_the_run(lm_file):
 ])
 def test_out_of_range_settings_stop_before_the_model_loads(tmp_path, field, value, words):
     with pytest.raises(EdgezoError, match=words):  # no such model: the check comes first
-        tune(tmp_path / "no-model", tmp_path / "no-data.txt", tmp_path / "run", TuneConfig(**{field: value}))
+        tune(tmp_path / "no-model", tmp_path / "no-data.txt", tmp_path / "run",
+             TuneConfig(**{"optimizer": "zo-mopi", field: value}))
     assert not (tmp_path / "run").exists()
 
 
@@ -237,6 +238,7 @@ def test_out_of_range_settings_stop_before_the_model_loads(tmp_path, field, valu
     ("fo-lora", {"betas": (0.9, 1.0)}, r"fo-lora: betas must be two of \(a number in \[0, 1\)\)"),
     ("fo-lora", {"weight_decay": -0.1}, "fo-lora: weight_decay must be a number ≥ 0"),
     ("fo-lora", {"k": 4}, r"unknown setting\(s\) \['k'\] for fo-lora"),
+    ("auto", {"lr": 1e-3, "rank": 8}, r"optimizer auto \(the default\) picks the method.*to set lr, rank, name the"),
 ])
 def test_each_optimizers_settings_are_checked(tmp_path, optimizer, optim, words):
     with pytest.raises(EdgezoError, match=words):
@@ -244,8 +246,10 @@ def test_each_optimizers_settings_are_checked(tmp_path, optimizer, optim, words)
 
 
 def test_in_range_settings_pass():
-    TuneConfig(optim={"lr": "auto", "rank": 8}).validate()  # a default k above the rank is clamped, not an error
-    TuneConfig(max_time=None, adapter_rank=None, eval_every=0, optim={"fuse": None, "beta": 0.0}).validate()
+    TuneConfig(optimizer="zo-mopi", optim={"lr": "auto", "rank": 8}).validate()  # a default k above the rank is clamped
+    TuneConfig(optimizer="zo-mopi", max_time=None, adapter_rank=None, eval_every=0,
+               optim={"fuse": None, "beta": 0.0}).validate()
+    TuneConfig(optim={"lr": "auto", "train_1d": True}).validate()  # what auto leaves to the method it picks
     TuneConfig(optimizer="fo-lora", optim={"lr": 1e-3, "rank": 4, "betas": [0.9, 0.99]}).validate()
 
 
