@@ -9,6 +9,7 @@
 #   DATA: the task's train/validation/test.jsonl folder (default .carry3/sentiment)
 #   steptime: bench/step_time.py on $DATA before anything else shares the GPU
 #   product LR STEPS [NAME [FLAGS]]: `edgezo tune` ZO-MOPI on the same task, in the background too (docs/convergence.md)
+#   default STEPS: `edgezo tune` with no --optimizer and no --lr on the same task (what `auto` gives a new user)
 set -uo pipefail
 stage=$1; shift
 mkdir -p /tmp/g/out /tmp/site
@@ -18,6 +19,7 @@ if [ ! -f /tmp/g/wheels.done ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EDGEZO_CACHE=/tmp/g/cache
 GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf NAME=${NAME:-convergence} DATA=${DATA:-.carry3/sentiment}
+sentiment_template() { python3 -c 'from bench.sentiment_data import TEMPLATE; print(TEMPLATE)'; }  # its one definition
 running() { for p in /tmp/g/*.pid; do kill -0 "$(cat "$p")" 2>/dev/null && return 0; done; return 1; }
 copy_out() {
   for m in /tmp/g/*/metrics.jsonl; do [ -f "$m" ] && cp "$m" /tmp/g/out/"$(basename "$(dirname "$m")")"_metrics.jsonl; done
@@ -53,12 +55,19 @@ case $stage in
   product) # product LR STEPS [NAME [TUNE FLAGS...]]: seed 0, batch 16, eval on the test split every 11 steps (~100 forwards)
          lr=$1 steps=$2 name=${3:-tune}; shift $(( $# < 3 ? $# : 3 ))
          join_gguf
-         TEMPLATE=$(python3 -c 'from bench.sentiment_data import TEMPLATE; print(TEMPLATE)')  # its one definition
          setsid nohup python3 -m edgezo tune $GGUF .carry3/sentiment/train.jsonl --task classify --optimizer zo-mopi \
            --lr "$lr" --steps "$steps" --seed 0 --batch-size 16 --max-length 128 --eval-every 11 --checkpoint-every 1000 \
-           --eval-data .carry3/sentiment/test.jsonl --template "$TEMPLATE" --device cuda --out /tmp/g/$name "$@" \
+           --eval-data .carry3/sentiment/test.jsonl --template "$(sentiment_template)" --device cuda --out /tmp/g/$name "$@" \
            > /tmp/g/out/$name.log 2>&1 < /dev/null &
          echo $! > /tmp/g/$name.pid; sleep 20; copy_out ;;
+  default) # default STEPS: `edgezo tune` as a new user runs it (no --optimizer, no --lr), sentiment, seed 0, blocking
+         join_gguf
+         python3 -m edgezo tune $GGUF .carry3/sentiment/train.jsonl --task classify --steps "$1" --seed 0 \
+           --batch-size 16 --max-length 128 --eval-every 25 --eval-data .carry3/sentiment/test.jsonl \
+           --template "$(sentiment_template)" --device cuda --out /tmp/g/default 2>&1 | grep -v Warn | tail -n 5
+         cp /tmp/g/default/metrics.jsonl /tmp/g/default/run.json "$OUT/"
+         python3 -c "import json; [print(r['step'], r['forwards'], r.get('eval_accuracy', r.get('accuracy'))) for r in map(json.loads, open('/tmp/g/default/metrics.jsonl')) if 'eval_loss' in r]"
+         python3 -c "import json; print(json.load(open('/tmp/g/default/run.json'))['settings']['optimizer'])" ;;
   wait)  # wait SECONDS: until every background run ends or SECONDS pass
          for _ in $(seq "${1:-540}"); do running || break; sleep 1; done
          copy_out; running && echo "STILL RUNNING" || echo "FINISHED" ;;
