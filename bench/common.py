@@ -31,8 +31,8 @@ OPTIMIZER_SETTINGS: dict[str, dict] = {
     "mezo": dict(),  # one two-sided probe, dense delta
 }
 # Vocabulary of the real model each synthetic shape stands for.
-VOCAB = {"llama-350m": 32000, "opt-1.3b": 50272, "opt-6.7b": 50272, "tiny": 512}
-ARCH = {"llama-350m": "llama", "opt-1.3b": "opt", "opt-6.7b": "opt", "tiny": "llama"}
+VOCAB = {"llama-350m": 32000, "opt-1.3b": 50272, "opt-6.7b": 50272, "tiny": 512, "smollm2-135m": 49152}
+ARCH = {"llama-350m": "llama", "opt-1.3b": "opt", "opt-6.7b": "opt", "tiny": "llama", "smollm2-135m": "llama"}
 
 
 def set_threads(n: int) -> None:

@@ -25,18 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import VOCAB as SHAPE_VOCAB  # noqa: E402
 from edgezo.plan import Settings, plan  # noqa: E402
 from edgezo.runtime.memory import peak_rss_of_child  # noqa: E402
+from edgezo.runtime.synthetic import SHAPES  # noqa: E402
 
-SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-            num_key_value_heads=3)
-VOCAB = 49152
+SMOL, VOCAB = SHAPES["smollm2-135m"], SHAPE_VOCAB["smollm2-135m"]
 
 
 def runtime_floor(threads: int) -> None:
     """In a fresh process: the runtime alone (imports and a tiny model's step), what the plan's runtime item is."""
     run_case(dataclasses.asdict(Settings("fo-lora", batch_size=1, seq_len=8, loss="scored")), 1, threads,
-             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4), 512)
+             SHAPES["tiny"], SHAPE_VOCAB["tiny"])
 
 
 def run_case(settings: dict, steps: int, threads: int, shape: dict = SMOL, vocab: int = VOCAB

@@ -23,16 +23,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.news_data import LABEL_WORDS as NEWS_LABEL_WORDS  # noqa: E402
-from bench.news_data import TEMPLATE as NEWS_TEMPLATE  # noqa: E402
-from bench.sentiment_data import LABEL_WORDS, TEMPLATE  # noqa: E402
+from bench.convergence import DATASETS  # noqa: E402
 from edgezo import data as D  # noqa: E402
 from edgezo.delta import DeltaModel  # noqa: E402
 from edgezo.optim import make_optimizer  # noqa: E402
 from edgezo.runtime.load import find_demo_gguf, load_model  # noqa: E402
 
 METHODS = ("zo-mopi", "zo-muon", "mezo", "fo-lora")  # each with its defaults (edgezo.optim.DEFAULTS, FOConfig)
-PROMPTS = {"sentiment": (TEMPLATE, LABEL_WORDS), "news": (NEWS_TEMPLATE, NEWS_LABEL_WORDS)}
 
 
 def sync(device: torch.device) -> None:
@@ -46,7 +43,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", required=True, help="folder with the convergence benchmark's train/test.jsonl")
-    p.add_argument("--dataset", choices=list(PROMPTS), default="sentiment", help="the task's prompt and label words")
+    p.add_argument("--dataset", choices=list(DATASETS), default="sentiment", help="the task's prompt and label words")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method, after one warm-up step")
     p.add_argument("--results", help="bench/convergence.py's .json on this task: adds the time to its target")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)} (all)")
@@ -54,8 +51,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model or find_demo_gguf(), "fp32", args.device)
     folder = Path(args.data)
+    _, template, label_words, _ = DATASETS[args.dataset]  # the convergence benchmark's prompt for the task
     task = D.load_task_data(folder / "train.jsonl", loaded.tokenizer, "classify", eval_path=folder / "test.jsonl",
-                            template=PROMPTS[args.dataset][0], label_words=PROMPTS[args.dataset][1], max_length=128)
+                            template=template, label_words=label_words, max_length=128)
     batch = {k: v.to(loaded.device) for k, v in D.batch_at(task, 16, 0, 0).items()}
     loss = D.make_loss(task)
     rows = {}

@@ -314,11 +314,10 @@ def plan(
         result = plan_mod.plan(model, plan_mod.tune_settings(DEMO_CONFIG, **TUNE_RUNS))
         steps = DEMO_CONFIG.steps
     else:  # the run `edgezo tune MODEL DATA` makes: auto, chosen as tune chooses it, on this machine's free memory
-        from edgezo.runtime.memory import usable_bytes
-        from edgezo.tune import TuneConfig
+        from edgezo.tune import TuneConfig, auto_settings
 
-        config = dataclasses.replace(TuneConfig(), optimizer="zo-mopi")
-        chosen = plan_mod.choose_optimizer(model, plan_mod.tune_settings(config, **TUNE_RUNS), usable_bytes("cpu"))
+        config = TuneConfig()
+        chosen = auto_settings(config, model, "fp32", "cpu")
         config = dataclasses.replace(config, optimizer=chosen.optimizer)
         result = plan_mod.plan(model, plan_mod.tune_settings(config, **TUNE_RUNS, pin_heap=chosen.pin_heap))
     if as_json:

@@ -121,6 +121,16 @@ def _fingerprint(cfg: TuneConfig, model_folder: str, data_path: Path) -> dict:
     return {"model": str(model_folder), "data": str(data_path), "data_sha256": digest, "settings": settings}
 
 
+def auto_settings(cfg: TuneConfig, model_config, precision: str, device: str):
+    """The plan.Settings "auto" stands for with this run's batch and length, on this device's free memory now
+    (plan.choose_optimizer: fo-lora where it fits, pinning the CPU heap if only so, else zo-mopi)."""
+    from edgezo import plan
+
+    settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=precision, device=device,
+                             loss="scored")
+    return plan.choose_optimizer(model_config, settings, usable_bytes(device))
+
+
 def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: bool) -> tuple[str, bool]:
     """(optimizer, pin_heap) that "auto" stands for: a resumed run keeps the optimizer it started with."""
     from edgezo import plan
@@ -130,14 +140,12 @@ def _auto_optimizer(cfg: TuneConfig, loaded: LoadedModel, out: Path, resume: boo
     # fo-lora's gradients are tensors (one process); the rest are settings only zeroth-order methods have
     if cfg.distributed or any(cfg.optim.get(key) for key in ZO_ONLY_OPTIM):
         return started or "zo-mopi", cfg.pin_heap
-    settings = plan.Settings(batch_size=cfg.batch_size, seq_len=cfg.max_length, precision=loaded.precision,
-                             device=str(loaded.device), loss="scored")
-    chosen = plan.choose_optimizer(loaded.model.config, settings, usable_bytes(loaded.device))
+    chosen = auto_settings(cfg, loaded.model.config, loaded.precision, str(loaded.device))
     if started is None:
         return chosen.optimizer, cfg.pin_heap or chosen.pin_heap
     # fo-lora, resumed on a CPU where it no longer fits unpinned, goes on with the heap pinned
     unpinned_fits = chosen.optimizer == plan.FIRST_ORDER and not chosen.pin_heap
-    return started, cfg.pin_heap or (started == plan.FIRST_ORDER and settings.device_type == "cpu"
+    return started, cfg.pin_heap or (started == plan.FIRST_ORDER and chosen.device_type == "cpu"
                                      and not unpinned_fits)
 
 

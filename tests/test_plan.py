@@ -27,8 +27,7 @@ from edgezo.runtime.memory import peak_rss_of_child, pin_heap_threshold
 from edgezo.runtime.synthetic import SHAPES, make_model, save_model_dir
 
 MID = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6)  # ~17M params
-SMOL_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                  num_key_value_heads=3)
+SMOL_SHAPE = SHAPES["smollm2-135m"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCE = 0.10
 
@@ -147,8 +146,7 @@ def test_plan_predicts_measured_peak(index, tmp_path, runtime_bytes):
 
 # ---------------------------------------------------------------- the model without measuring
 
-SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+SMOL = LlamaConfig(**SMOL_SHAPE, vocab_size=49152, tie_word_embeddings=True)
 
 
 def test_anatomy_counts_smollm2_parameters_once():

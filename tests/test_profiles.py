@@ -14,8 +14,7 @@ from edgezo.profiles import list_profiles, load_profile, resolve
 from edgezo.runtime.synthetic import SHAPES
 
 TINY = LlamaConfig(vocab_size=512, max_position_embeddings=512, **SHAPES["tiny"])
-SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M's shape
+SMOL = LlamaConfig(**SHAPES["smollm2-135m"], vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M's shape
 SHIPPED = {"raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "laptop-cpu-16gb", "apple-m-16gb", "rtx-4060-8gb",
            "phone-arm-12gb", "ci-2core"}
 
