@@ -179,3 +179,9 @@ def test_auto_pins_the_heap_when_fo_lora_fits_only_so(tmp_path, monkeypatch):
     monkeypatch.setattr(edgezo.tune, "pin_heap_threshold", lambda: False)  # not glibc
     with pytest.raises(EdgezoError, match="pin_heap needs glibc"):
         tune(folder, data, tmp_path / "musl", dataclasses.replace(cfg, optimizer="fo-lora", pin_heap=True))
+    from edgezo.runtime.load import load_model
+
+    on_gpu = dataclasses.replace(load_model(folder), device=torch.device("cuda"))  # (checked before it is used)
+    with pytest.raises(EdgezoError, match="pin_heap pins the CPU heap; the model is on cuda: turn it off"):
+        tune(on_gpu, data, tmp_path / "gpu", dataclasses.replace(cfg, optimizer="fo-lora", pin_heap=True))
+    assert not (tmp_path / "gpu").exists()
